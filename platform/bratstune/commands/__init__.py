@@ -1,0 +1,1 @@
+"""Sub-commands of the `bratstune` console script (one module each)."""

@@ -1,0 +1,1 @@
+"""Data layer: case discovery, synthetic cohorts, preprocessing, cache, sampling, augmentation."""

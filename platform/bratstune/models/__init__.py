@@ -1,0 +1,1 @@
+"""Architecture factory and named layer groups."""
