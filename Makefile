@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 # Test-only interpreter holding the official BraTS evaluation package, used by the
 # differential tests of bratstune.metrics (tests/metrics/, marker `reference`).
 # It pins older numpy / cc3d / rich, so it must never share the product's venv.
+# surface-distance (DeepMind) is the HD95 definition of the brats2023 protocol.
 REF_VENV ?= .venv-ref
-REF_SPEC ?= brats-evaluation==0.0.10 panoptica==2.1.7
+REF_SPEC ?= brats-evaluation==0.0.10 panoptica==2.1.7 surface-distance==0.1
 REF_STAMP := $(REF_VENV)/.installed
 
 .PHONY: venv ref-venv demo test clean
