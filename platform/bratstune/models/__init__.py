@@ -1,1 +1,41 @@
-"""Architecture factory and named layer groups."""
+"""Architecture factory and named layer groups.
+
+``build_model(name, in_channels, out_channels, **kw)`` builds a MONAI network by name;
+``layer_groups`` / ``freeze`` / ``trainable_parameters`` work on the named groups
+``encoder``, ``middle``, ``decoder``, ``head`` of every architecture.
+"""
+from __future__ import annotations
+
+from bratstune.models.factory import (
+    ARCHITECTURES,
+    architecture_options,
+    build_model,
+    count_parameters,
+)
+from bratstune.models.freeze import (
+    freeze,
+    frozen_parameter_names,
+    set_train_mode,
+    trainable_parameters,
+    unfreeze,
+)
+from bratstune.models.groups import GROUPS, architecture_of, group_of, layer_groups, parameter_groups
+from bratstune.models.topology import nnunet_topology
+
+__all__ = [
+    "ARCHITECTURES",
+    "GROUPS",
+    "architecture_of",
+    "architecture_options",
+    "build_model",
+    "count_parameters",
+    "freeze",
+    "frozen_parameter_names",
+    "group_of",
+    "layer_groups",
+    "nnunet_topology",
+    "parameter_groups",
+    "set_train_mode",
+    "trainable_parameters",
+    "unfreeze",
+]
