@@ -386,7 +386,8 @@ def load_case(case: Case, *, scheme: LabelScheme | str | None = None) -> CaseDat
             volumes.update({mod: arr for mod, p in case.images.items() if p == path})
     if ref is None:
         raise DataError(None, f"case '{case.case_id}' has no image files")
-    image = np.stack([volumes[mod] for mod in case.images])  # case.images is in MODALITIES order.astype(np.float32, copy=False)
+    # case.images is in MODALITIES order (t1n, t1c, t2w, t2f)
+    image = np.stack([volumes[mod] for mod in case.images]).astype(np.float32, copy=False)
     label = None
     if case.label is not None:
         raw, img = read_volume(case.label, dtype=None)
