@@ -1,0 +1,129 @@
+"""`bratstune train --data DIR (--config FILE | --preset NAME) [--set k=v ...]`: train one model.
+
+Steps: read the config (YAML file or bundled preset, then ``--set`` overrides), discover the
+labelled cases under ``--data``, prepare them in the preprocessing cache, hold out
+``--val-fraction`` of them (stratified by tumour volume), and run :func:`bratstune.train.fit`
+inside an MLflow run (embedded SQLite store unless ``MLFLOW_TRACKING_URI`` is set) that records
+the resolved config (params + ``config.yaml``), per-epoch metrics, the best model
+(``best_model/``) and ``validation.png`` (reference vs predicted labels on validation slices).
+Prints the validation Dice per region of the best epoch at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from bratstune.errors import ConfigError
+
+HELP = "train one model from a YAML config or a preset, tracked in MLflow"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="cohort folder with labelled cases")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="training config YAML (see bratstune.train_config)")
+    source.add_argument("--preset", help="bundled preset name (`bratstune presets` lists them)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set loss.weights.dice=1.0 (repeatable)",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of cases held out (default 0.2)")
+    parser.add_argument("--out", type=Path, help="output folder (default .bratstune/results/train-<time>)")
+    parser.add_argument("--experiment", default="bratstune-train", help="MLflow experiment name")
+    parser.add_argument("--run-name", help="MLflow run name")
+    parser.add_argument("--resume", type=Path, help="checkpoint folder of an earlier run to continue")
+    parser.add_argument("--workers", type=int, default=1, help="processes preparing the cache (default 1)")
+
+
+def _raw_config(args: argparse.Namespace) -> dict[str, Any]:
+    from bratstune.config_utils import apply_overrides, load_yaml
+
+    if args.config is not None:
+        raw = load_yaml(args.config)
+    else:
+        from bratstune.presets import load_preset
+
+        raw = load_preset(args.preset)
+    return apply_overrides(raw, args.overrides)
+
+
+def _summary_lines(result: Any, scheme: Any) -> list[str]:
+    metrics = result.best_metrics
+    regions = [r for r in scheme.regions if f"val/dice_{r}" in metrics]
+    if not regions:
+        return ["no validation metrics (no validation cases)"]
+    lines = [f"validation Dice at the best epoch ({result.best_epoch}/{result.epochs_completed}):"]
+    lines.append("  " + "  ".join(f"{r} {metrics[f'val/dice_{r}']:.3f}" for r in regions)
+                 + f"  mean {metrics.get('val/dice_mean', float('nan')):.3f}")
+    if "val/dice_lesion_mean" in metrics:
+        lesion = [r for r in scheme.regions if f"val/dice_lesion_{r}" in metrics]
+        lines.append("  lesion-wise: " + "  ".join(f"{r} {metrics[f'val/dice_lesion_{r}']:.3f}" for r in lesion)
+                     + f"  mean {metrics['val/dice_lesion_mean']:.3f}")
+    return lines
+
+
+def _validation_png(result: Any, data: Any, out: Path, max_cases: int = 2) -> Path | None:
+    from bratstune.train import inference_settings
+    from bratstune.validate import decode_prediction, predict_probabilities, save_overlay_png
+
+    if not data.val:
+        return None
+    settings = inference_settings(result.config)
+    rows = []
+    for case in list(data.val)[:max_cases]:
+        pred = decode_prediction(predict_probabilities(result.model, case.image, settings), data.scheme, settings.mode)
+        rows.append((case.case_id, case.image, case.label, pred))
+    return save_overlay_png(out / "validation.png", rows, data.scheme)
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from bratstune import paths
+    from bratstune.tracking import MlflowReporter, setup_mlflow, start_run
+    from bratstune.train import TrainData, fit, resolve_config
+    from bratstune.train_config import load_train_config
+    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers: expected >= 1, got {args.workers}")
+    config = resolve_config(load_train_config(_raw_config(args)))
+    prepared = prepare_cohort(args.data, preprocess_config(config.data.preprocess), workers=args.workers)
+    if config.challenge is None:
+        config = dataclasses.replace(config, challenge=prepared.challenge or "GLI")
+    data: TrainData = split_train_val(prepared.cases, prepared.scheme, val_fraction=args.val_fraction, seed=config.seed)
+    out = (args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute()
+    print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, "
+          f"output {out}")
+
+    experiment_id = setup_mlflow(args.experiment)
+    tags = {
+        "data.root": str(Path(args.data).absolute()),
+        "data.scheme": prepared.scheme.name,
+        "data.train_cases": len(data.train),
+        "data.val_cases": len(data.val),
+        "data.val_ids": ",".join(c.case_id for c in data.val)[:5000],
+        "output": str(out),
+    }
+    with start_run(
+        run_name=args.run_name or f"{config.model.name}-{time.strftime('%H%M%S')}",
+        experiment_id=experiment_id,
+        tags=tags,
+        data_fingerprint=prepared.fingerprint,
+        config=config,
+    ) as run:
+        result = fit(config, data, reporter=MlflowReporter(), out_dir=out, resume_from=args.resume)
+        if result.best_dir is not None:
+            mlflow.log_artifacts(str(result.best_dir), "best_model")
+        png = _validation_png(result, data, out)
+        if png is not None:
+            mlflow.log_artifact(str(png))
+        run_id = run.info.run_id
+    for line in _summary_lines(result, prepared.scheme):
+        print(line)
+    print(f"best model: {result.best_dir or '-'}  last checkpoint: {result.last_checkpoint or '-'}")
+    print(f"MLflow run {run_id} in experiment '{args.experiment}' ({mlflow.get_tracking_uri()})")
+    return 0

@@ -1,0 +1,95 @@
+"""The network of a :class:`~bratstune.train_config.TrainConfig`: build, initialise, reload.
+
+* :func:`resolve_config` completes ``model.kwargs`` with the training ``patch_size``, so the
+  saved config rebuilds exactly the trained network.
+* :func:`build_network`: ``bratstune.models.build_model(name, in_channels, out_channels, **kwargs)``
+  with ``out_channels`` from the loss mode and the label scheme (:func:`output_channels`).
+* :func:`prepare_network`: build + ``init.encoder_from`` weights + ``freeze`` groups.
+* :func:`load_network`: rebuild a trained network from a best-model or checkpoint folder.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bratstune.checkpoint import load_model_weights
+from bratstune.errors import DataError
+from bratstune.train_config import TrainConfig, load_train_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_network", "load_init_weights", "load_network", "output_channels", "prepare_network", "resolve_config"]
+
+
+def output_channels(config: TrainConfig, scheme: Any) -> int:
+    """Region mode: one channel per ``scheme.train_regions``; label mode: background + labels."""
+    if config.loss.mode == "region":
+        return len(scheme.train_regions)
+    return 1 + len(scheme.labels)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Complete ``model.kwargs`` with the training ``patch_size`` (so the network can be rebuilt)."""
+    kwargs = dict(config.model.kwargs)
+    kwargs.setdefault("patch_size", list(config.data.patch_size))
+    return replace(config, model=replace(config.model, kwargs=kwargs))
+
+
+def build_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> torch.nn.Module:
+    """The (untrained) network of ``config`` for ``scheme``."""
+    from bratstune.models import build_model
+
+    config = resolve_config(config)
+    return build_model(config.model.name, in_channels, output_channels(config, scheme), **dict(config.model.kwargs))
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, *, strip_prefix: str = "") -> int:
+    """Load every tensor of ``path`` whose (prefix-stripped) name and shape match ``model``.
+
+    ``path`` holds a state dict or ``{"model": state_dict}``. Returns the number of tensors loaded.
+
+    Raises:
+        DataError: missing file, or no tensor matches.
+    """
+    if not Path(path).is_file():
+        raise DataError(path, "init.encoder_from: no such file")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
+        payload = payload["model"]
+    own = model.state_dict()
+    matched = {}
+    for key, tensor in payload.items():
+        name = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
+        if name in own and own[name].shape == tensor.shape:
+            matched[name] = tensor
+    if not matched:
+        raise DataError(path, "init.encoder_from: no tensor matches the model (check init.strip_prefix)")
+    model.load_state_dict(matched, strict=False)
+    logger.info("initialised %d/%d tensors from %s", len(matched), len(own), path)
+    return len(matched)
+
+
+def prepare_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> torch.nn.Module:
+    """Build the network, load ``init.encoder_from`` and freeze the ``freeze`` groups."""
+    model = build_network(config, scheme, in_channels=in_channels)
+    if config.init.encoder_from is not None:
+        load_init_weights(model, config.init.encoder_from, strip_prefix=config.init.strip_prefix)
+    if config.freeze:
+        from bratstune.models import freeze
+
+        freeze(model, list(config.freeze))
+    return model
+
+
+def load_network(folder: Path, scheme: Any, *, in_channels: int = 4) -> tuple[torch.nn.Module, TrainConfig]:
+    """Rebuild a trained network (eval mode, CPU) from a best-model or checkpoint folder."""
+    from bratstune.config_utils import load_yaml
+
+    config = load_train_config(load_yaml(Path(folder) / "config.yaml"))
+    model = build_network(config, scheme, in_channels=in_channels)
+    load_model_weights(model, Path(folder))
+    return model.eval(), config

@@ -1,0 +1,325 @@
+"""MLflow set-up and logging helpers shared by every job.
+
+* :func:`tracking_uri`: ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store
+  ``sqlite:///<abs BRATSTUNE_HOME>/mlflow.db`` (``./.bratstune/mlflow.db``).
+* :func:`setup_mlflow`: creates the store's schema **once, in the driver** (a brand-new SQLite
+  database created by several processes at once breaks), then gets or creates the experiment
+  with an **absolute** artifact location (``<home>/mlartifacts`` next to the database), so
+  artifacts never land in a throw-away working directory (Ray jobs).
+* :func:`start_run`: context manager that starts a (child) run and tags it with the git commit,
+  package versions, hardware and the data fingerprint; the run ends FINISHED on success or on
+  ``SystemExit`` (how Ray Tune stops a trial), KILLED on ``KeyboardInterrupt``, FAILED otherwise.
+* :func:`log_config`: nested config → flat ``a.b.c`` params, plus the YAML as an artifact.
+* :class:`MlflowReporter`: an ``EpochReport`` callback for :func:`bratstune.train.fit` that logs
+  per-epoch metrics and the best checkpoint.
+
+Nothing here runs at import: MLflow is imported inside the functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+import yaml
+
+from bratstune import paths
+from bratstune.config_utils import to_dict
+
+if TYPE_CHECKING:
+    import mlflow
+
+    from bratstune.train import EpochReport
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARTIFACT_DIR",
+    "DB_FILE",
+    "MlflowReporter",
+    "data_fingerprint",
+    "flatten",
+    "git_commit",
+    "log_config",
+    "package_versions",
+    "run_tags",
+    "setup_mlflow",
+    "start_run",
+    "tracking_uri",
+]
+
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+PACKAGES = ("bratstune", "torch", "monai", "mlflow", "ray", "optuna", "numpy", "torchio", "nibabel", "scipy")
+PARAM_VALUE_LIMIT = 6000
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs home>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{paths.home() / DB_FILE}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_location(uri: str) -> str | None:
+    """Absolute artifact root for a SQLite store (``mlartifacts`` next to the database).
+
+    ``None`` for servers (``http(s)://``, ``databricks``): the server decides.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.resolve().parent / ARTIFACT_DIR).as_uri()
+
+
+def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> str:
+    """Point MLflow at the store, create its schema once and return the experiment id.
+
+    Call in the driver before starting any trial/worker process.
+
+    Args:
+        experiment: experiment name (created if missing).
+        uri: tracking URI; default :func:`tracking_uri`.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)  # creates/migrates the schema in this process only
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = artifact_location(uri)
+        if location is not None:
+            Path(location[len("file://"):]).mkdir(parents=True, exist_ok=True)
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        except MlflowException:  # created concurrently by another driver
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    logger.info("MLflow: %s, experiment %r (id %s)", uri, experiment, experiment_id)
+    return str(experiment_id)
+
+
+# -- run metadata ---------------------------------------------------------------------------------
+
+
+def _repo_candidates() -> list[Path]:
+    package_root = Path(__file__).resolve().parents[2]
+    return [package_root, Path.cwd()]
+
+
+def git_commit() -> dict[str, str]:
+    """``{"commit": sha, "dirty": "true"|"false"}`` of the source checkout, or ``{}`` outside git."""
+    for root in _repo_candidates():
+        try:
+            sha = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if sha:
+            return {"commit": sha, "dirty": "true" if status else "false"}
+    return {}
+
+
+def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions of the packages that shape a result."""
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def data_fingerprint(case_ids: Iterable[str], preprocess: Any = None) -> str:
+    """16-hex-digit hash of the sorted case ids and the preprocessing config."""
+    payload = json.dumps(
+        {"cases": sorted(str(c) for c in case_ids), "preprocess": to_dict(preprocess) if preprocess is not None else None},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_tags(*, data_fingerprint: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags every run carries: git commit, package versions, hardware, data fingerprint."""
+    from bratstune.device import hardware_summary
+
+    tags: dict[str, str] = {}
+    git = git_commit()
+    if git:
+        tags["mlflow.source.git.commit"] = git["commit"]
+        tags["git.commit"] = git["commit"]
+        tags["git.dirty"] = git["dirty"]
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update({f"hardware.{k}": str(v) for k, v in hardware_summary().items()})
+    if data_fingerprint:
+        tags["data.fingerprint"] = data_fingerprint
+    tags.update({str(k): str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(
+    *,
+    run_name: str | None = None,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+    config: Any = None,
+    run_id: str | None = None,
+    nested: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start an MLflow run tagged with commit, versions, hardware and data fingerprint.
+
+    Args:
+        run_name: display name.
+        experiment_id: from :func:`setup_mlflow` (default: the active experiment).
+        parent_run_id: makes this a child run (works across processes, unlike ``nested=True``).
+        tags: extra tags.
+        data_fingerprint: see :func:`data_fingerprint`.
+        config: when given, logged with :func:`log_config`.
+        run_id: reopen this existing run (e.g. a trial resumed after a crash) instead of a new one.
+        nested: nest under the run active in this process (``parent_run_id`` works across processes).
+
+    Yields:
+        The active run. It ends FINISHED on success or ``SystemExit``, KILLED on
+        ``KeyboardInterrupt``, FAILED on any other exception (which propagates).
+    """
+    import mlflow
+
+    run = mlflow.start_run(
+        run_id=run_id,
+        nested=nested,
+        run_name=run_name,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        tags=run_tags(data_fingerprint=data_fingerprint, extra=tags),
+    )
+    status = "FINISHED"
+    try:
+        if config is not None:
+            log_config(config)
+        yield run
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        mlflow.end_run(status=status)
+
+
+# -- config and metrics -----------------------------------------------------------------------------
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"loss": {"weights": {"dice": 1}}}`` → ``{"loss.weights.dice": "1"}`` (lists as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (Mapping, list, tuple)):
+            out[name] = json.dumps(to_dict(value), default=str)
+        else:
+            out[name] = str(value)
+    return {k: (v if len(v) <= PARAM_VALUE_LIMIT else v[: PARAM_VALUE_LIMIT - 3] + "...") for k, v in out.items()}
+
+
+def log_config(config: Any, *, artifact_file: str = "config.yaml", run_id: str | None = None) -> dict[str, str]:
+    """Log a (dataclass or mapping) config as flat params and as a YAML artifact.
+
+    Returns:
+        The flat params that were logged.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    plain = to_dict(config) if is_dataclass(config) else to_dict(dict(config))
+    params = flatten(plain)
+    client = mlflow.tracking.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=items[start : start + 100])
+    client.log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
+    return params
+
+
+class MlflowReporter:
+    """``fit`` reporter: per-epoch metrics (step = epoch) and the best model as artifacts.
+
+    Args:
+        run_id: the run to log to (default: the active run when the reporter is created).
+        log_best: upload the best-model folder under ``artifact_path`` whenever it improves.
+        artifact_path: artifact folder for the best model.
+
+    Validation metrics are logged only for epochs that validated (``report.validated``), and
+    non-finite values are skipped.
+    """
+
+    def __init__(self, *, run_id: str | None = None, log_best: bool = True, artifact_path: str = "best_model") -> None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if run_id is None and active is None:
+            raise RuntimeError("MlflowReporter needs a run: pass run_id or create it inside start_run()")
+        self.run_id = run_id or active.info.run_id  # type: ignore[union-attr]
+        self.client = mlflow.tracking.MlflowClient()
+        self.log_best = log_best
+        self.artifact_path = artifact_path
+
+    def __call__(self, report: EpochReport) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, report.epoch)
+            for key, value in report.metrics.items()
+            if (report.validated or not key.startswith("val/")) and math.isfinite(float(value))
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        if self.log_best and report.is_best and report.best_dir is not None:
+            self.client.log_artifacts(self.run_id, str(report.best_dir), self.artifact_path)

@@ -1,0 +1,107 @@
+"""From a cohort folder to :class:`bratstune.train.TrainData`: discover, cache, split.
+
+Shared by ``bratstune train`` and the jobs that call :func:`bratstune.train.fit` on a folder::
+
+    prepared = prepare_cohort(Path("data/GLI"), PreprocessConfig(), workers=2)
+    data = split_train_val(prepared, val_fraction=0.2, seed=0)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from bratstune.errors import ConfigError, DataError
+from bratstune.train import TrainData
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreparedCohort", "prepare_cohort", "preprocess_config", "split_train_val"]
+
+
+@dataclass
+class PreparedCohort:
+    """Preprocessed, cached cases of one folder.
+
+    Attributes:
+        root: the cohort folder.
+        cases: ``PreprocessedCase`` objects (memmaps from the cache), sorted by case id.
+        scheme: the label scheme implied by the naming (the same for every case).
+        challenge: the challenge named by the cases (``GLI``, ``PED`` ...), or ``None``.
+        fingerprint: hash of the case ids and the preprocessing config.
+    """
+
+    root: Path
+    cases: list[Any]
+    scheme: Any
+    challenge: str | None
+    fingerprint: str
+
+
+def preprocess_config(mapping: Mapping[str, Any] | None) -> Any:
+    """``data.preprocess`` of a train config as a ``PreprocessConfig`` (validated)."""
+    from bratstune.config_utils import from_dict
+    from bratstune.data.preprocess import PreprocessConfig
+
+    return from_dict(PreprocessConfig, mapping or {}, where="config.data.preprocess")
+
+
+def prepare_cohort(
+    root: Path, preprocess: Any, *, workers: int = 1, cache_root: Path | None = None, year: int | None = None
+) -> PreparedCohort:
+    """Discover the labelled cases under ``root`` and prepare them in the preprocessing cache.
+
+    Raises:
+        DataError: no labelled case, or cases whose naming implies different label schemes.
+    """
+    from bratstune.data.cache import CaseCache
+    from bratstune.data.layout import default_scheme, discover
+    from bratstune.tracking import data_fingerprint
+
+    cohort = discover(root)
+    labelled = [c for c in cohort.cases if c.label is not None]
+    if not labelled:
+        raise DataError(root, "no case with a segmentation (training needs labels)")
+    skipped = len(cohort.cases) - len(labelled)
+    if skipped:
+        logger.warning("%s: %d case(s) without a label are not used for training", root, skipped)
+    schemes = {default_scheme(c, year=year).name: default_scheme(c, year=year) for c in labelled}
+    if len(schemes) > 1:
+        raise DataError(root, f"cases use different label schemes {sorted(schemes)}; train on one challenge at a time")
+    challenges = sorted({c.challenge for c in labelled if c.challenge})
+    cases = CaseCache(cache_root).prepare(labelled, preprocess, workers=workers)
+    return PreparedCohort(
+        root=Path(root),
+        cases=cases,
+        scheme=next(iter(schemes.values())),
+        challenge=challenges[0] if len(challenges) == 1 else None,
+        fingerprint=data_fingerprint([c.case_id for c in cases], preprocess),
+    )
+
+
+def split_train_val(cases: Sequence[Any], scheme: Any, *, val_fraction: float = 0.2, seed: int = 0) -> TrainData:
+    """Hold out about ``val_fraction`` of the cases, stratified by tumour volume.
+
+    Uses fold 0 of ``bratstune.data.sampling.stratified_folds`` with ``k = round(1 / val_fraction)``
+    (at most the number of cases); ``val_fraction = 0`` trains on everything without validation.
+    """
+    from bratstune.data.sampling import stratified_folds, tumour_volume
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction: expected 0 <= value < 1, got {val_fraction!r}")
+    cases = list(cases)
+    if val_fraction == 0.0:
+        return TrainData(train=cases, val=[], scheme=scheme)
+    if len(cases) < 2:
+        raise DataError(None, f"{len(cases)} labelled case(s): need at least 2 to hold out validation cases")
+    k = min(max(2, int(round(1.0 / val_fraction))), len(cases))
+    volumes = [tumour_volume(c.label, c.spacing) for c in cases]
+    train_idx, val_idx = stratified_folds(volumes, k, seed=seed)[0]
+    return TrainData(
+        train=[cases[i] for i in np.asarray(train_idx)],
+        val=[cases[i] for i in np.asarray(val_idx)],
+        scheme=scheme,
+    )
