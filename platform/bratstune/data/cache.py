@@ -343,6 +343,9 @@ class CaseCache:
             done += 1
             written += nbytes
             elapsed = time.perf_counter() - start
+            # about ten progress lines per cohort, whatever its size
+            if done != len(todo) and done % max(1, len(todo) // 10):
+                return
             logger.info(
                 "prepared %d/%d cases (%s) in %.1f s, %.2f s/case, %.1f MB written",
                 done, len(todo), case_id, elapsed, elapsed / done, written / 1e6,
