@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "train": "train",
     "presets": "presets",
+    "promote": "promote",
+    "predict": "predict",
+    "models": "models",
 }
 
 

@@ -1,0 +1,34 @@
+"""Package trained models as an ensemble, register it in MLflow and promote it if it wins.
+
+``python jobs/promote_ensemble.py --members RUN_ID_OR_DIR ... --metric val/dice_mean [--name bratstune-gli] [--force]``
+
+Same arguments as ``bratstune promote``; ``--smoke-test`` trains two tiny members on a synthetic
+cohort first. Cross-validation will call it with its fold models and out-of-fold metric
+(``--cv-run``, ``--metric-value``).
+"""
+from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (puts platform/ on sys.path)
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bratstune.commands import promote
+    from bratstune.errors import BratstuneError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    promote.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return promote.run(args)
+    except BratstuneError as exc:
+        print(f"promote_ensemble: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
