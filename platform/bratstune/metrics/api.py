@@ -10,7 +10,8 @@ Protocols (``PROTOCOLS``):
     components, one-to-one bipartite matching on Dice, medpy HD95; see ``bratstune.metrics.brats2026``.
 
 Speed: the case is first cropped to the box of all its foreground (plus the margin the dilation
-needs); inside, every lesion is measured on its own bounding box, so the cost grows with the tumour,
+needs); inside, each region's surface is extracted once and split by component, and distances come
+from a grid-shell search around each surface point, so the cost grows with the tumour's surface,
 not with the 240×240×155 volume.
 """
 from __future__ import annotations

@@ -30,8 +30,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from bratstune.metrics import legacy
-from bratstune.metrics.components import component_sizes, components, object_boxes
-from bratstune.metrics.surface import ComponentSurfaces, directed_distances, hd95_from_distances, nsd_from_distances
+from bratstune.metrics.components import component_sizes, components
+from bratstune.metrics.surface import ComponentSurfaces, hd95_from_distances, nsd_from_distances
 
 __all__ = ["GROUPS", "HD95_MISS", "MATCH_THRESHOLD", "evaluate_region"]
 
@@ -106,14 +106,14 @@ def evaluate_region(
     conf = legacy.confusion(pred, gt)
     surfaces_needed = bool(matches) or conf.tp > 0
     if surfaces_needed:
-        gt_surf = ComponentSurfaces(gt_cc, object_boxes(gt_cc, n_ref), "voxel")
-        pred_surf = ComponentSurfaces(pred_cc, object_boxes(pred_cc, n_pred), "voxel")
+        gt_surf = ComponentSurfaces(gt, gt_cc, "voxel")
+        pred_surf = ComponentSurfaces(pred, pred_cc, "voxel")
     rows = []
     for r, p in matches:
         g_pts, _ = gt_surf.select([r])
         p_pts, _ = pred_surf.select([p])
-        to_pred = directed_distances(g_pts, p_pts, spacing)
-        to_gt = directed_distances(p_pts, g_pts, spacing)
+        to_pred = pred_surf.distances_to(g_pts, spacing, p)
+        to_gt = gt_surf.distances_to(p_pts, spacing, r)
         rows.append(
             {
                 "lesion": r,
@@ -167,9 +167,8 @@ def evaluate_region(
         if n_ref == 1 and n_pred == 1 and tp == 1:
             g_hd95 = rows[0]["hd95"]  # one instance each, matched: the same two masks
         else:
-            g_pts, p_pts = gt_surf.points, pred_surf.points
             g_hd95 = hd95_from_distances(
-                directed_distances(g_pts, p_pts, spacing), directed_distances(p_pts, g_pts, spacing)
+                pred_surf.distances_to(gt_surf.points, spacing), gt_surf.distances_to(pred_surf.points, spacing)
             )
 
     result = {
