@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import torch
 
 from bratstune.checkpoint import load_model_weights
-from bratstune.errors import DataError
 from bratstune.train_config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -47,37 +46,38 @@ def build_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> 
     return build_model(config.model.name, in_channels, output_channels(config, scheme), **dict(config.model.kwargs))
 
 
-def load_init_weights(model: torch.nn.Module, path: Path, *, strip_prefix: str = "") -> int:
+def load_init_weights(model: torch.nn.Module, path: Path | str, *, strip_prefix: str = "") -> int:
     """Load every tensor of ``path`` whose (prefix-stripped) name and shape match ``model``.
 
-    ``path`` holds a state dict or ``{"model": state_dict}``. Returns the number of tensors loaded.
+    Thin wrapper over :func:`bratstune.encoder_init.load_encoder_weights` (which also takes
+    ``models:/...``, ``runs:/...`` and run ids, interpolates position embeddings and returns a
+    full report). Returns the number of tensors initialised.
 
     Raises:
         DataError: missing file, or no tensor matches.
     """
-    if not Path(path).is_file():
-        raise DataError(path, "init.encoder_from: no such file")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
-        payload = payload["model"]
-    own = model.state_dict()
-    matched = {}
-    for key, tensor in payload.items():
-        name = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
-        if name in own and own[name].shape == tensor.shape:
-            matched[name] = tensor
-    if not matched:
-        raise DataError(path, "init.encoder_from: no tensor matches the model (check init.strip_prefix)")
-    model.load_state_dict(matched, strict=False)
-    logger.info("initialised %d/%d tensors from %s", len(matched), len(own), path)
-    return len(matched)
+    from bratstune.encoder_init import load_encoder_weights
+
+    report = load_encoder_weights(model, path, strip_prefix=strip_prefix)
+    return len(report.initialised)
 
 
 def prepare_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> torch.nn.Module:
-    """Build the network, load ``init.encoder_from`` and freeze the ``freeze`` groups."""
+    """Build the network, load ``init.encoder_from`` and freeze the ``freeze`` groups.
+
+    With ``init.encoder_from`` the :class:`~bratstune.encoder_init.EncoderInitReport` (which
+    tensors were loaded, interpolated, mismatched, missing) is logged and attached to the
+    returned model as ``model.bratstune_init_report``.
+    """
     model = build_network(config, scheme, in_channels=in_channels)
     if config.init.encoder_from is not None:
-        load_init_weights(model, config.init.encoder_from, strip_prefix=config.init.strip_prefix)
+        from bratstune.encoder_init import load_encoder_weights
+
+        report = load_encoder_weights(
+            model, config.init.encoder_from, strip_prefix=config.init.strip_prefix,
+            interpolate=config.init.interpolate_pos_embed, require_complete=config.init.require_complete,
+        )
+        model.bratstune_init_report = report  # type: ignore[assignment]
     if config.freeze:
         from bratstune.models import freeze
 

@@ -239,16 +239,29 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """Weight initialisation before training.
+    """Weight initialisation before training (:mod:`bratstune.encoder_init`).
 
     Args:
-        encoder_from: a ``.pt`` file holding a state dict (or ``{"model": state_dict}``); every
-            tensor whose name and shape match the model is loaded (e.g. an MAE encoder).
+        encoder_from: where the weights come from: ``models:/bratstune-mae-encoder@latest``
+            (a registered MAE encoder; ``models:/NAME/VERSION`` and ``@alias`` too),
+            ``runs:/RUN_ID/encoder``, a bare MLflow run id, or a ``.pt`` file / folder holding a
+            state dict (or ``{"model": state_dict}``). Every tensor whose name and shape match
+            the model is loaded; position embeddings of another patch grid are interpolated.
         strip_prefix: prefix removed from the file's keys before matching (e.g. ``"encoder."``).
+        interpolate_pos_embed: resample position embeddings to the model's patch grid
+            (otherwise they are reported as mismatched and skipped).
+        require_complete: fail unless every tensor of the model's ``encoder`` group was
+            initialised from the source.
     """
 
-    encoder_from: Path | None = None
+    encoder_from: str | Path | None = None
     strip_prefix: str = ""
+    interpolate_pos_embed: bool = True
+    require_complete: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoder_from is not None:
+            object.__setattr__(self, "encoder_from", str(self.encoder_from))
 
 
 @dataclass(frozen=True)
