@@ -649,14 +649,14 @@ def _variant(spec: SearchSpec, overrides: Mapping[str, Any], label: str) -> Sear
     return parse_spec(raw, source=spec.source, where=f"{spec.source or spec.name} ({label})")
 
 
-def demo_variant(spec: SearchSpec, *, num_samples: int = 6, epochs: int = 4, steps_per_epoch: int = 4) -> SearchSpec:
+def demo_variant(spec: SearchSpec, *, num_samples: int = 6, epochs: int = 4, steps_per_epoch: int = 10) -> SearchSpec:
     """The ``make demo`` search: the smoke-sized CPU network, a few trials of a few epochs, ASHA
     with grace period 1 so early stopping is visible (about 2-3 minutes on 2 cores)."""
     smoke = spec.smoke_variant()
     return _variant(smoke, {
         "num_samples": num_samples,
         "scheduler": {"type": "asha", "max_t": epochs, "grace_period": 1, "reduction_factor": 2},
-        "base": {"epochs": epochs, "steps_per_epoch": steps_per_epoch},
+        "base": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "validation": {"max_cases": 4}},
     }, "demo")
 
 
