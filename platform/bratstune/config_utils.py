@@ -153,6 +153,19 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     return out
 
 
+def to_triple(value: Any, what: str) -> tuple[int, int, int]:
+    """Three positive ints from an int (isotropic) or a sequence; ``ConfigError`` naming ``what``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * 3
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected an integer or three integers, got {value!r}") from None
+    if len(out) != 3 or any(v <= 0 for v in out):
+        raise ConfigError(f"{what}: expected three positive integers, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing file or bad syntax."""
     path = Path(path)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bratstune.config_utils import to_dict
+from bratstune.data.cache import file_digest
 from bratstune.errors import ConfigError, DataError
 from bratstune.inference import InferenceConfig, ensemble_probabilities, probabilities_on_grid
 
@@ -72,12 +73,6 @@ class IntegrityError(DataError):
 # -- manifest -----------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _package_files(folder: Path) -> list[str]:
@@ -92,7 +87,7 @@ def _package_files(folder: Path) -> list[str]:
 def write_manifest(folder: Path) -> dict[str, Any]:
     """Hash every file of ``folder`` (except the manifest and hidden files) into ``manifest.json``."""
     folder = Path(folder)
-    manifest = {"algorithm": "sha256", "files": {rel: _sha256(folder / rel) for rel in _package_files(folder)}}
+    manifest = {"algorithm": "sha256", "files": {rel: file_digest(folder / rel) for rel in _package_files(folder)}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
@@ -114,7 +109,7 @@ def verify_manifest(folder: Path) -> str:
         target = folder / rel
         if not target.is_file():
             raise IntegrityError(target, "listed in manifest.json but missing; the model package is incomplete")
-        actual = _sha256(target)
+        actual = file_digest(target)
         if actual != expected:
             raise IntegrityError(
                 target,

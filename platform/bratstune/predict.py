@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from bratstune.data.cache import file_digest
 from bratstune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,6 @@ def output_name(case_id: str) -> str:
 # -- ledger ------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Ledger:
@@ -85,7 +80,7 @@ class Ledger:
         hit = self.files.get(key)
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
             return str(hit["sha256"])
-        digest = _sha256(path)
+        digest = file_digest(path)
         self.files[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         return digest
 

@@ -27,20 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bratstune.config_utils import check_choice, from_dict, to_dict
+from bratstune.config_utils import to_triple
 from bratstune.errors import ConfigError
 
 __all__ = ["LR_SCALINGS", "MaeDataConfig", "MaeModelConfig", "MaeOptimConfig", "PretrainConfig", "load_pretrain_config"]
 
 LR_SCALINGS = ("linear", "sqrt", "none")
-
-
-def _triple(value: Any, what: str) -> tuple[int, int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value, value)
-    out = tuple(int(v) for v in value)
-    if len(out) != 3 or any(v <= 0 for v in out):
-        raise ConfigError(f"{what}: expected three positive integers, got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -72,8 +64,8 @@ class MaeModelConfig:
     in_channels: int = 4
 
     def __post_init__(self) -> None:
-        img = _triple(self.img_size, "model.img_size")
-        patch = _triple(self.patch_size, "model.patch_size")
+        img = to_triple(self.img_size, "model.img_size")
+        patch = to_triple(self.patch_size, "model.patch_size")
         object.__setattr__(self, "img_size", img)
         object.__setattr__(self, "patch_size", patch)
         for axis, (i, p) in enumerate(zip(img, patch)):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bratstune.config_utils import check_choice, from_dict, to_dict
+from bratstune.config_utils import to_triple
 from bratstune.errors import ConfigError
 
 __all__ = [
@@ -59,16 +60,6 @@ def _positive(value: float, what: str, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{what}: expected a number {bound}, got {value!r}")
-
-
-def _triple(value: Any, what: str) -> tuple[int, int, int]:
-    """Accept an int (isotropic) or three ints; return three positive ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value, value)
-    out = tuple(int(v) for v in value)
-    if len(out) != 3 or any(v <= 0 for v in out):
-        raise ConfigError(f"{what}: expected three positive integers, got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -181,7 +172,7 @@ class DataConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", _triple(self.patch_size, "data.patch_size"))
+        object.__setattr__(self, "patch_size", to_triple(self.patch_size, "data.patch_size"))
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: expected an integer >= 1, got {self.batch_size!r}")
         if not 0.0 <= self.fg_prob <= 1.0:
@@ -225,7 +216,7 @@ class ValidationConfig:
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"validation.overlap: expected 0 <= value < 1, got {self.overlap!r}")
         if self.roi_size is not None:
-            object.__setattr__(self, "roi_size", _triple(self.roi_size, "validation.roi_size"))
+            object.__setattr__(self, "roi_size", to_triple(self.roi_size, "validation.roi_size"))
         if self.sw_batch_size < 1:
             raise ConfigError(f"validation.sw_batch_size: expected >= 1, got {self.sw_batch_size!r}")
         check_choice(self.blend, BLEND_MODES, "validation.blend")

@@ -3,24 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from bratstune.config_utils import to_triple
 from bratstune.errors import ConfigError
 
 __all__ = ["nnunet_topology", "to_spacing", "to_triple"]
 
 Triple = tuple[int, int, int]
-
-
-def to_triple(value: Any, what: str) -> Triple:
-    """Three positive ints from an int (isotropic) or a sequence; ``ConfigError`` naming ``what``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what}: expected an integer or three integers, got {value!r}") from None
-    if len(out) != 3 or any(v <= 0 for v in out):
-        raise ConfigError(f"{what}: expected three positive integers, got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 def to_spacing(value: Any) -> tuple[float, float, float]:
