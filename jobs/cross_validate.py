@@ -1,0 +1,110 @@
+"""Cross-validate one config in k folds (Ray Tune), tune thresholds on OOF, package the ensemble.
+
+    python jobs/cross_validate.py --smoke-test                          # tiny CPU run, local Ray
+    python jobs/cross_validate.py --data /data/BraTS-GLI --from-search 3f2a... --folds 5
+    python jobs/cross_validate.py --data DIR --preset unet --epochs 30 --register bratstune-gli --promote
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/cross_validate.py ...
+
+The config is a search's best (``--from-search RUN_ID``: the parent run's ``best_config.yaml``),
+a YAML file (``--config``) or a preset (``--preset``), with ``--set key=value`` overrides. Under
+``ray job submit`` it joins the cluster (``RAY_ADDRESS``); run directly it starts a local Ray.
+Output under ``--storage-path`` (default ``.bratstune/results/cv``): fold models, OOF
+probabilities, tuned thresholds and ``ensemble/``. MLflow goes to ``$MLFLOW_TRACKING_URI`` or
+``.bratstune/mlflow.db``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import _bootstrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="labelled cohort folder (default with --smoke-test: "
+                                                                  "a tiny synthetic GLI cohort)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="training config YAML")
+    source.add_argument("--preset", help="bundled preset name (bratstune presets)")
+    source.add_argument("--from-search", metavar="RUN_ID", help="MLflow parent run of a search (its best_config.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set steps_per_epoch=20 (repeatable)")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument("--threshold-trials", type=int, default=100, help="threshold/post-processing search trials")
+    parser.add_argument("--cpus-per-fold", type=float, default=1.0, help="Tune CPUs per fold trial")
+    parser.add_argument("--gpus-per-fold", type=float, default=0.0, help="Tune GPUs per fold trial")
+    parser.add_argument("--register", metavar="NAME", default=None, help="register the ensemble as model NAME")
+    parser.add_argument("--promote", action="store_true", help="with --register: move @champion if it wins")
+    parser.add_argument("--force", action="store_true", help="with --register: move @champion regardless (logged)")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny CPU-only CV (seconds per fold)")
+    parser.add_argument("--name", default=None, help="output / Tune experiment name (default cv-<timestamp>)")
+    parser.add_argument("--storage-path", default=None, help="parent folder of the output (shared by all nodes)")
+    parser.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    parser.add_argument("--experiment", default="bratstune-cv", help="MLflow experiment name")
+    parser.add_argument("--workers", type=int, default=1, help="processes preprocessing the cohort")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    import ray
+
+    from bratstune import crossval, search, tracking
+    from bratstune.errors import BratstuneError, ConfigError
+
+    try:
+        if args.smoke_test and not (args.config or args.preset or args.from_search):
+            args.preset = "unet"
+        config = crossval.resolve_config(config=args.config, preset=args.preset, from_search=args.from_search,
+                                         overrides=args.overrides)
+        data = args.data
+        if data is None:
+            if not args.smoke_test:
+                raise ConfigError("--data: give the labelled cohort folder (or use --smoke-test)")
+            data = search.synthetic_cohort(cases=max(9, 3 * args.folds), shape=(40, 40, 32))
+        folds = args.folds if not args.smoke_test or args.folds != 5 else 3
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else args.num_cpus,
+                 runtime_env=_bootstrap.runtime_env(), include_dashboard=False if not address else None)
+        experiment_id = tracking.setup_mlflow(args.experiment)
+        outcome = crossval.cross_validate(
+            config, data, k=folds, seed=args.seed, epochs=args.epochs, storage_path=args.storage_path,
+            name=args.name, threshold_trials=10 if args.smoke_test else args.threshold_trials,
+            experiment_id=experiment_id, search_run_id=args.from_search,
+            resources={"cpu": args.cpus_per_fold, "gpu": args.gpus_per_fold}, smoke=args.smoke_test,
+            register=args.register, promote=args.promote, force=args.force, workers=args.workers,
+        )
+    except BratstuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    metric = outcome.metric.split("/", 1)[1]
+    print(f"cross-validation: {len(outcome.fold_metrics)} folds, MLflow parent run {outcome.parent_run_id}")
+    for i, fold in enumerate(outcome.fold_metrics):
+        print(f"  fold {i}: OOF {metric} = {fold.get(metric, float('nan')):.4f}")
+    print(f"pooled OOF {metric}: {outcome.oof_metrics_default.get(metric, float('nan')):.4f} default -> "
+          f"{outcome.oof_metrics_tuned.get(metric, float('nan')):.4f} tuned")
+    print(f"thresholds {outcome.thresholds}, post-processing {outcome.postprocess}")
+    print(f"ensemble: {outcome.ensemble.describe()} -> {outcome.ensemble_dir}")
+    if outcome.registered:
+        print(f"registered {outcome.registered}")
+    if outcome.promotion is not None:
+        p = outcome.promotion
+        print(f"{'PROMOTED' if p.promoted else 'champion unchanged'}: {p.reason}")
+    print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
