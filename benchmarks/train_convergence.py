@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="existing cohort (default: generate one)")
     args = parser.parse_args(argv)
 
+    import logging
+
     import torch
 
     from bratstune.data.synthetic import generate_cohort
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from bratstune.presets import load_preset
     from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bratstune-conv-"))
     data = args.data

@@ -1,24 +1,26 @@
-"""`make demo`: synthetic cohort -> inspect -> train (and, as the platform grows, the rest)."""
+"""`make demo`: synthetic cohort -> inspect -> train -> loss search -> CV ensemble -> champion -> batch prediction."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-import _bootstrap  # noqa: F401  (puts platform/ on sys.path when the package is not installed)
+import _bootstrap
 
 
 def main(argv: list[str] | None = None) -> int:
     from bratstune.demo import DemoConfig, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", type=int, default=DemoConfig.cases)
-    parser.add_argument("--epochs", type=int, default=DemoConfig.train_epochs)
-    parser.add_argument("--steps", type=int, default=DemoConfig.train_steps)
+    parser.add_argument("--cases", type=int, default=DemoConfig.cases, help="size of the synthetic GLI cohort")
     parser.add_argument("--anatomy", default=DemoConfig.anatomy, choices=["atlas", "procedural"])
+    parser.add_argument("--trials", type=int, default=DemoConfig.search_trials, help="loss-search trials")
+    parser.add_argument("--folds", type=int, default=DemoConfig.folds, help="cross-validation folds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_demo(DemoConfig(cases=args.cases, train_epochs=args.epochs, train_steps=args.steps, anatomy=args.anatomy))
+    config = DemoConfig(cases=args.cases, anatomy=args.anatomy, search_trials=args.trials, folds=args.folds)
+    return run_demo(config, runtime_env=_bootstrap.runtime_env(),
+                    search_space=_bootstrap.ROOT / "search_spaces" / "losses.yaml")
 
 
 if __name__ == "__main__":

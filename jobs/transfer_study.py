@@ -158,6 +158,8 @@ def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: st
         overrides["steps_per_epoch"] = args.steps_per_epoch
     if not source or not target:
         raise SystemExit("--source and --target-data are required (or --smoke-test)")
+    if Path(str(source)).expanduser().exists():  # trials run in their own working directories
+        source = str(Path(str(source)).expanduser().resolve())
     experiment_id = setup_mlflow(args.experiment)
     client = mlflow.tracking.MlflowClient()
     parent = client.create_run(experiment_id, run_name=title,

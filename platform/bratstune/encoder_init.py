@@ -174,6 +174,10 @@ def resolve_encoder_source(source: str | Path, *, dst: Path | None = None) -> Pa
         uri = text if text.startswith(_MLFLOW_SCHEMES) else f"runs:/{text}/encoder"
         folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="bratstune-encoder-"))
         try:
+            # models:/ URIs resolve through the *global* registry URI, which an earlier
+            # `mlflow.set_tracking_uri` in this process may have pointed elsewhere.
+            mlflow.set_tracking_uri(tracking_uri())
+            mlflow.set_registry_uri(tracking_uri())
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder), tracking_uri=tracking_uri())
         except (MlflowException, OSError) as exc:
             raise DataError(text, f"init.encoder_from: cannot download from MLflow ({tracking_uri()}): {exc}") from None

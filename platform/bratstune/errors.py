@@ -21,6 +21,9 @@ class DataError(BratstuneError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
+    def __reduce__(self):  # Ray and copy.copy rebuild exceptions from these arguments
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(BratstuneError, ValueError):
     """A problem with a configuration value or key (YAML, CLI `--set`, search space)."""
