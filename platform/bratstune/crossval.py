@@ -639,7 +639,7 @@ def _register(outcome: CVOutcome, name: str, *, promote: bool, force: bool) -> N
 def demo_cross_validate(cohort: str | Path, config: TrainConfig | Mapping[str, Any], *, folds: int = 3,
                         epochs: int = 3, steps: int = 20, register: str | None = "bratstune-gli",
                         storage_path: str | Path | None = None, threshold_trials: int = 20,
-                        verbose: int = 0) -> CVOutcome:
+                        search_run_id: str | None = None, verbose: int = 0) -> CVOutcome:
     """The ``make demo`` cross-validation after the loss search: ``folds`` small CPU folds of ``config``.
 
     Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``);
@@ -653,4 +653,4 @@ def demo_cross_validate(cohort: str | Path, config: TrainConfig | Mapping[str, A
     plain["device"] = "cpu"
     return cross_validate(plain, Path(cohort), k=folds, epochs=epochs, storage_path=storage_path,
                           threshold_trials=threshold_trials, register=register, promote=register is not None,
-                          verbose=verbose)
+                          search_run_id=search_run_id, verbose=verbose)

@@ -29,13 +29,13 @@ class DemoConfig:
     cases: int = 40
     anatomy: str = "atlas"
     seed: int = 0
-    train_epochs: int = 6
+    train_epochs: int = 5
     train_steps: int = 30
     search_trials: int = 6
     search_epochs: int = 4
     folds: int = 3
-    cv_epochs: int = 3
-    cv_steps: int = 20
+    cv_epochs: int = 4
+    cv_steps: int = 40
     new_cases: int = 6
     workers: int = 2
     model_name: str = "bratstune-gli"
