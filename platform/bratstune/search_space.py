@@ -38,21 +38,25 @@ reference against the parameters defined before it.
 """
 from __future__ import annotations
 
-import ast
-import copy
-import json
-import math
-import operator
-import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import yaml
-
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
 from bratstune.errors import ConfigError
+from bratstune.search_params import (  # noqa: F401  (re-exported)
+    DISTRIBUTIONS,
+    META_PREFIX,
+    Condition,
+    Expression,
+    ParamSpec,
+    apply_values,
+    deep_merge,
+    get_path,
+    parse_param,
+    set_path,
+)
 from bratstune.train_config import TrainConfig, load_train_config
 
 if TYPE_CHECKING:
@@ -76,11 +80,9 @@ __all__ = [
     "make_sampler",
 ]
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "categorical", "constant", "derived")
 SCHEDULERS = ("asha", "fifo")
 ALGORITHMS = ("tpe", "cmaes", "random")
 MODES = ("max", "min")
-META_PREFIX = "_"
 
 #: What ``--smoke-test`` changes when the file's ``smoke`` section says nothing else: a few
 #: tiny CPU trials (2 epochs of 2 steps on 32³ patches, validation on 2 cases).
@@ -98,368 +100,6 @@ SMOKE_DEFAULTS: dict[str, Any] = {
         "amp": "off",
     },
 }
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive merge of plain mappings (``over`` wins; lists are replaced, not merged)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def get_path(mapping: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-    """``mapping["a"]["b"]`` for ``"a.b"``, or ``default``."""
-    node: Any = mapping
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def set_path(mapping: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``mapping["a"]["b"] = value`` for ``"a.b"``, creating mappings on the way."""
-    parts = dotted.split(".")
-    node = mapping
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if not isinstance(child, Mapping) else dict(child)
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """The base config with every non-meta parameter value written at its dotted path."""
-    out = copy.deepcopy(dict(base))
-    for name, value in values.items():
-        if not name.startswith(META_PREFIX):
-            set_path(out, name, copy.deepcopy(value))
-    return out
-
-
-# -- expressions and conditions -------------------------------------------------------------------
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
-_FUNCS = {"min": min, "max": max, "abs": abs, "round": round}
-_NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
-
-
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        inner = _dotted(node.value)
-        return None if inner is None else f"{inner}.{node.attr}"
-    return None
-
-
-@dataclass(frozen=True)
-class Expression:
-    """Small arithmetic expression over parameter names, e.g. ``1 - loss.alpha``.
-
-    Allowed: numbers, dotted names, ``+ - * / **``, unary minus, ``min``, ``max``, ``abs``, ``round``.
-    """
-
-    text: str
-    names: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> Expression:
-        try:
-            tree = ast.parse(str(text), mode="eval")
-        except SyntaxError:
-            raise ConfigError(f"{where}: cannot parse expression {text!r} (e.g. '1 - loss.alpha')") from None
-        names: list[str] = []
-
-        def check(node: ast.AST) -> None:
-            if isinstance(node, ast.Expression):
-                check(node.body)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-                pass
-            elif isinstance(node, (ast.Name, ast.Attribute)):
-                name = _dotted(node)
-                if name is None:
-                    raise ConfigError(f"{where}: unsupported name in {text!r}")
-                names.append(name)
-            elif isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-                check(node.left)
-                check(node.right)
-            elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-                check(node.operand)
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
-                for arg in node.args:
-                    check(arg)
-            else:
-                raise ConfigError(
-                    f"{where}: unsupported syntax in expression {text!r}; use numbers, parameter names, "
-                    f"+ - * / ** and {sorted(_FUNCS)}"
-                )
-
-        check(tree)
-        return cls(str(text), tuple(dict.fromkeys(n for n in names if n not in _FUNCS)))
-
-    def evaluate(self, lookup: Callable[[str], Any]) -> float:
-        tree = ast.parse(self.text, mode="eval")
-
-        def ev(node: ast.AST) -> Any:
-            if isinstance(node, ast.Expression):
-                return ev(node.body)
-            if isinstance(node, ast.Constant):
-                return node.value
-            if isinstance(node, (ast.Name, ast.Attribute)):
-                return lookup(_dotted(node))  # type: ignore[arg-type]
-            if isinstance(node, ast.BinOp):
-                return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-            if isinstance(node, ast.UnaryOp):
-                value = ev(node.operand)
-                return -value if isinstance(node.op, ast.USub) else value
-            if isinstance(node, ast.Call):
-                return _FUNCS[node.func.id](*(ev(a) for a in node.args))  # type: ignore[union-attr]
-            raise ConfigError(f"cannot evaluate {self.text!r}")  # pragma: no cover - parse() rejects it
-
-        return float(ev(tree))
-
-
-_COMPARE = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
-            "<": operator.lt, "in": lambda a, b: a in b}
-_CONDITION = re.compile(r"^\s*(?P<name>[A-Za-z_][\w.]*)\s*(?P<op>>=|<=|==|!=|>|<|\bin\b)\s*(?P<value>.+?)\s*$")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """``NAME OP VALUE``: the parameter is sampled only when it holds (VALUE read as YAML)."""
-
-    name: str
-    op: str
-    value: Any
-    text: str
-
-    @classmethod
-    def parse(cls, text: Any, where: str) -> Condition:
-        match = _CONDITION.match(str(text))
-        if not match:
-            raise ConfigError(
-                f"{where}: cannot read condition {text!r}; expected 'NAME OP VALUE' with OP one of "
-                f"{list(_COMPARE)}, e.g. 'loss.weights.focal_tversky > 0'"
-            )
-        raw = match["value"]
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        op = match["op"]
-        if op == "in" and not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: 'in' needs a list, e.g. 'model.name in [unet, resunet]'; got {raw!r}")
-        return cls(match["name"], op, value, str(text))
-
-    def holds(self, values: Mapping[str, Any]) -> bool:
-        """False when the referenced parameter was not sampled (its own condition failed)."""
-        if self.name not in values:
-            return False
-        try:
-            return bool(_COMPARE[self.op](values[self.name], self.value))
-        except TypeError:
-            return False
-
-
-# -- parameters ------------------------------------------------------------------------------------
-
-
-def _label(value: Any) -> str:
-    """Optuna-storable label of a non-scalar choice: ``[encoder, middle]`` -> ``encoder+middle``."""
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value) if value else "none"
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched (or fixed/derived) parameter, named by its dotted config path."""
-
-    name: str
-    distribution: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    choices: tuple[Any, ...] = ()
-    labels: tuple[Any, ...] = ()  # what Optuna stores for each choice (== choices when scalar)
-    value: Any = None
-    expr: Expression | None = None
-    when: Condition | None = None
-    otherwise: Any = None  # a constant or an Expression
-    has_otherwise: bool = False
-
-    @property
-    def is_meta(self) -> bool:
-        """Search-only parameter (``_name``): steers conditions, never written into the config."""
-        return self.name.startswith(META_PREFIX)
-
-    @property
-    def references(self) -> tuple[str, ...]:
-        refs: list[str] = []
-        if self.when is not None:
-            refs.append(self.when.name)
-        if self.expr is not None:
-            refs.extend(self.expr.names)
-        if isinstance(self.otherwise, Expression):
-            refs.extend(self.otherwise.names)
-        return tuple(refs)
-
-    def sample(self, trial: optuna.Trial, lookup: Callable[[str], Any]) -> Any:
-        """Draw this parameter from ``trial`` (Optuna's suggest API)."""
-        d = self.distribution
-        if d in ("uniform", "loguniform"):
-            return trial.suggest_float(self.name, self.low, self.high, log=d == "loguniform", step=self.step)
-        if d in ("int", "logint"):
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=d == "logint",
-                                     step=int(self.step or 1))
-        if d == "categorical":
-            label = trial.suggest_categorical(self.name, list(self.labels))
-            return copy.deepcopy(self.choices[list(self.labels).index(label)])
-        if d == "constant":
-            return copy.deepcopy(self.value)
-        return self.expr.evaluate(lookup)  # type: ignore[union-attr]
-
-    def fallback(self, lookup: Callable[[str], Any]) -> Any:
-        return self.otherwise.evaluate(lookup) if isinstance(self.otherwise, Expression) else copy.deepcopy(self.otherwise)
-
-    def probe_values(self) -> list[Any]:
-        """Values that together exercise every edge of the distribution (for validation)."""
-        if self.distribution in ("uniform", "loguniform", "int", "logint"):
-            cast = int if self.distribution in ("int", "logint") else float
-            return [cast(self.low), cast(self.high)]
-        if self.distribution == "categorical":
-            return list(self.choices)
-        if self.distribution == "constant":
-            return [self.value]
-        return []
-
-    def describe(self) -> dict[str, Any]:
-        """Plain mapping for the resolved-space artifact."""
-        out: dict[str, Any] = {"distribution": self.distribution}
-        for key in ("low", "high", "step"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.distribution == "categorical":
-            out["choices"] = {str(lab): ch for lab, ch in zip(self.labels, self.choices)}
-        if self.distribution == "constant":
-            out["value"] = self.value
-        if self.expr is not None:
-            out["expr"] = self.expr.text
-        if self.when is not None:
-            out["when"] = self.when.text
-        if self.has_otherwise:
-            out["otherwise"] = self.otherwise.text if isinstance(self.otherwise, Expression) else self.otherwise
-        return out
-
-
-_PARAM_KEYS = ("distribution", "low", "high", "step", "choices", "value", "expr", "when", "otherwise")
-_REQUIRED = {
-    "uniform": ("low", "high"),
-    "loguniform": ("low", "high"),
-    "int": ("low", "high"),
-    "logint": ("low", "high"),
-    "categorical": ("choices",),
-    "constant": ("value",),
-    "derived": ("expr",),
-}
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    return out
-
-
-def parse_param(name: str, entry: Any, where: str) -> ParamSpec:
-    """Validate one ``params`` entry (see the module docstring)."""
-    where = f"{where}.{name}"
-    if not _NAME.fullmatch(str(name)):
-        raise ConfigError(f"{where}: a parameter name is a dotted config path such as 'loss.weights.dice'")
-    if not isinstance(entry, Mapping):
-        raise ConfigError(
-            f"{where}: expected a mapping such as {{distribution: uniform, low: 0.0, high: 1.0}}, got {entry!r}"
-        )
-    for key in entry:
-        if key not in _PARAM_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, _PARAM_KEYS)}; valid keys: {list(_PARAM_KEYS)}")
-    if "distribution" not in entry:
-        raise ConfigError(f"{where}: missing 'distribution' (one of {list(DISTRIBUTIONS)})")
-    dist = str(entry["distribution"])
-    if dist not in DISTRIBUTIONS:
-        raise ConfigError(
-            f"{where}: unknown distribution '{dist}'{suggest(dist, DISTRIBUTIONS)}; expected one of {list(DISTRIBUTIONS)}"
-        )
-    for key in _REQUIRED[dist]:
-        if key not in entry:
-            raise ConfigError(f"{where}: distribution '{dist}' needs '{key}'")
-    allowed = set(_REQUIRED[dist]) | {"distribution", "when", "otherwise"}
-    if dist in ("uniform", "int", "logint"):
-        allowed.add("step")
-    extra = sorted(set(entry) - allowed)
-    if extra:
-        raise ConfigError(f"{where}: key(s) {extra} do not apply to distribution '{dist}' (allowed: {sorted(allowed)})")
-    kwargs: dict[str, Any] = {}
-    if "low" in _REQUIRED[dist]:
-        low, high = _number(entry["low"], f"{where}.low"), _number(entry["high"], f"{where}.high")
-        if low > high:
-            raise ConfigError(f"{where}: low ({low}) must not exceed high ({high})")
-        if dist in ("loguniform", "logint") and low <= 0:
-            raise ConfigError(f"{where}: '{dist}' needs low > 0, got {low} (use 'uniform' to include 0)")
-        if dist in ("int", "logint") and (not float(low).is_integer() or not float(high).is_integer()):
-            raise ConfigError(f"{where}: '{dist}' needs integer bounds, got {low}..{high}")
-        kwargs.update(low=low, high=high)
-        if entry.get("step") is not None:
-            step = _number(entry["step"], f"{where}.step")
-            if step <= 0:
-                raise ConfigError(f"{where}: step must be > 0, got {step}")
-            if dist == "logint" and step != 1:
-                raise ConfigError(f"{where}: 'logint' supports only step 1")
-            kwargs["step"] = step
-    if dist == "categorical":
-        raw = entry["choices"]
-        if isinstance(raw, Mapping):
-            labels, choices = tuple(str(k) for k in raw), tuple(raw.values())
-        elif isinstance(raw, (list, tuple)):
-            choices = tuple(raw)
-            labels = tuple(c if _is_scalar(c) else _label(c) for c in choices)
-        else:
-            raise ConfigError(f"{where}.choices: expected a list or a mapping label -> value, got {raw!r}")
-        if not choices:
-            raise ConfigError(f"{where}.choices: expected at least one choice")
-        if len(set(map(repr, labels))) != len(labels):
-            raise ConfigError(f"{where}.choices: duplicate choices {list(labels)}")
-        kwargs.update(choices=choices, labels=labels)
-    if dist == "constant":
-        kwargs["value"] = entry["value"]
-    if dist == "derived":
-        kwargs["expr"] = Expression.parse(entry["expr"], f"{where}.expr")
-    if entry.get("when") is not None:
-        kwargs["when"] = Condition.parse(entry["when"], f"{where}.when")
-    if "otherwise" in entry:
-        if "when" not in entry:
-            raise ConfigError(f"{where}: 'otherwise' needs a 'when' condition")
-        other = entry["otherwise"]
-        kwargs["otherwise"] = Expression.parse(other, f"{where}.otherwise") if isinstance(other, str) else other
-        kwargs["has_otherwise"] = True
-    return ParamSpec(name=str(name), distribution=dist, **kwargs)
 
 
 # -- the spec ----------------------------------------------------------------------------------------

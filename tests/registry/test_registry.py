@@ -1,7 +1,6 @@
 """MLflow registry: pyfunc packaging, promotion gate, fresh-process reload, tampering, listing."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

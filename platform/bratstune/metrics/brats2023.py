@@ -21,7 +21,6 @@ BraTS sensitivity / specificity, and TP/FP/FN lesion counts (of kept lesions, an
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
