@@ -36,6 +36,7 @@ class DemoConfig:
     folds: int = 3
     cv_epochs: int = 4
     cv_steps: int = 40
+    threshold_trials: int = 10
     new_cases: int = 6
     workers: int = 2
     model_name: str = "bratstune-gli"
@@ -100,7 +101,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = No
         with _Step(f"5. {config.folds}-fold cross-validated ensemble of the best config, tuned thresholds, promotion"):
             cv = crossval.demo_cross_validate(cohort, outcome.best_config, folds=config.folds,
                                               epochs=config.cv_epochs, steps=config.cv_steps,
-                                              register=config.model_name, search_run_id=outcome.parent_run_id)
+                                              register=config.model_name, search_run_id=outcome.parent_run_id,
+                                              threshold_trials=config.threshold_trials)
             print(f"ensemble: {cv.ensemble_dir}")
     finally:
         ray.shutdown()
