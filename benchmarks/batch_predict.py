@@ -32,11 +32,11 @@ STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "qc
 def build_ensemble(folder: Path, *, filters: list[int], roi: int, overlap: float, tta: str) -> Path:
     import torch
 
-    from bratstune.ensemble import Ensemble, Member
-    from bratstune.inference import InferenceConfig
+    from bratstune.ensemble.package import Ensemble, Member
+    from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for
-    from bratstune.network import build_network, resolve_config
-    from bratstune.train_config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
+    from bratstune.training.config import load_train_config
 
     config = resolve_config(load_train_config({"model": {"name": "unet", "kwargs": {"filters": filters, "deep_supr_num": 1}},
                                                "data": {"patch_size": roi}, "challenge": "GLI"}))
@@ -61,7 +61,7 @@ def run(label: str, data: Path, model: Path, out: Path, *, workers: int, threads
         use_ray: bool | None = None) -> float:
     import csv
 
-    from bratstune.predict import predict_cohort
+    from bratstune.predict.batch import predict_cohort
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

@@ -4,10 +4,10 @@
    cohort for fine-tuning (train + validation cases) and separate *unlabelled* cohorts of three
    challenges (GLI with other seeds, MEN, PED) for pre-training; validation cases are never seen
    by the MAE.
-2. MAE pre-training with ``bratstune.pretrain.run_mae`` on Ray Train: ``--workers`` (default 2)
+2. MAE pre-training with ``bratstune.pretrain.run.run_mae`` on Ray Train: ``--workers`` (default 2)
    gloo workers for ``--mae-epochs``; the encoder is registered in a throw-away MLflow store.
    A short second run with 1 worker measures single-worker throughput (epochs after the first).
-3. Fine-tuning ``unetr`` with ``bratstune.train.fit`` twice with the same budget, seed and data:
+3. Fine-tuning ``unetr`` with ``bratstune.training.fit.fit`` twice with the same budget, seed and data:
    from scratch, and with ``init.encoder_from: models:/bratstune-mae-encoder@latest``.
    Validation (sliding window, legacy Dice) after every epoch.
 
@@ -73,7 +73,7 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]:
 
 
 def pretrain(args: argparse.Namespace, folders: list[Path], storage: Path, experiment_id: str):
-    from bratstune.pretrain import run_mae
+    from bratstune.pretrain.run import run_mae
 
     config = {
         "model": {"img_size": [48, 48, 48], **VIT, "decoder_hidden_size": 96, "decoder_mlp_dim": 384,
@@ -100,7 +100,7 @@ def throughput(history: list[dict]) -> float:
 
 
 def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path):
-    from bratstune.train import fit
+    from bratstune.training.fit import fit
 
     config = {
         "model": {"name": "unetr", "kwargs": {"feature_size": 16, **VIT}},
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bratstune import tracking
+    from bratstune.tracking import runs as tracking
     from bratstune.data.preprocess import PreprocessConfig
-    from bratstune.train_data import prepare_cohort, split_train_val
+    from bratstune.data.cohort import prepare_cohort, split_train_val
 
     try:
         t0 = time.perf_counter()

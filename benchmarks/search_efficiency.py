@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bratstune import paths, search, tracking
-    from bratstune.search_space import deep_merge, load_search_space, parse_spec
+    from bratstune import paths
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
+    from bratstune.search.space import deep_merge, load_search_space, parse_spec
 
     smoke = load_search_space(args.space).smoke_variant()
     raw = deep_merge(smoke.raw, {

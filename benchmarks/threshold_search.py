@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from scipy import ndimage
 
-    from bratstune import search
+    from bratstune.search import tune as search
     from bratstune.labels import labels_to_regions
-    from bratstune.threshold_search import CachedCase, load_threshold_space, search_thresholds
-    from bratstune.train_data import prepare_cohort, preprocess_config
+    from bratstune.search.thresholds import CachedCase, load_threshold_space, search_thresholds
+    from bratstune.data.cohort import prepare_cohort, preprocess_config
 
     cohort = search.synthetic_cohort(cases=args.cases, shape=tuple(args.shape))
     prepared = prepare_cohort(cohort, preprocess_config({}))

@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bratstune.data.synthetic import generate_cohort
     from bratstune.labels import get_scheme
-    from bratstune.train import fit
-    from bratstune.train_config import load_train_config
-    from bratstune.network import resolve_config
+    from bratstune.training.fit import fit
+    from bratstune.training.config import load_train_config
+    from bratstune.training.network import resolve_config
     from bratstune.presets import load_preset
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)

@@ -3,7 +3,7 @@
 Fixed configuration: ``unet`` preset network (DynUNet, filters 16-32-64-128, deep supervision),
 48^3 patches, batch 2, Dice + CE, Adam, no validation. Data: a small procedural synthetic GLI
 cohort (default 120x120x78 at 2 mm), prepared in the preprocessing cache and loaded by
-background DataLoader workers, exactly as ``bratstune.train.fit`` does it.
+background DataLoader workers, exactly as ``bratstune.training.fit.fit`` does it.
 
 The first epoch warms up (worker start, allocator, first patches); the numbers are the means
 per step over the following epochs. The loader keeps up when data wait < 10 % of the step.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from bratstune.data.synthetic import generate_cohort
     from bratstune.labels import scheme_for
     from bratstune.presets import load_preset
-    from bratstune.train import TrainData, fit
+    from bratstune.training.fit import TrainData, fit
 
     with tempfile.TemporaryDirectory(prefix="bratstune-bench-") as tmp:
         work = args.work_dir or Path(tmp)

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bratstune import crossval, search, tracking
+    from bratstune.search import crossval
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
     from bratstune.errors import BratstuneError, ConfigError
 
     try:

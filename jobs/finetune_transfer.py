@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         study.run_variants(args, [f"finetune_{k}" for k in choices], title="finetune-transfer")
         return 0
     # a single fine-tuning run, in process
-    from bratstune.train import fit  # noqa: F401  (import check)
+    from bratstune.training.fit import fit  # noqa: F401  (import check)
     from bratstune.transfer import finetune, load_source, prepare_target
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-finetune-")).resolve()

@@ -37,7 +37,7 @@ SMOKE = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, nargs="*", default=None, help="cohort folders (default: synthetic cohort)")
-    parser.add_argument("--config", type=Path, default=None, help="pre-training YAML (bratstune.pretrain_config)")
+    parser.add_argument("--config", type=Path, default=None, help="pre-training YAML (bratstune.pretrain.config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set epochs=50 (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bratstune import tracking
+    from bratstune.tracking import runs as tracking
     from bratstune.config_utils import apply_overrides, load_yaml
     from bratstune.errors import BratstuneError
-    from bratstune.pretrain import run_mae
+    from bratstune.pretrain.run import run_mae
 
     try:
         mapping = dict(SMOKE) if args.smoke_test else {}

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None, *, default_space: Path = DEFAULT_SPACE, 
 
     import ray
 
-    from bratstune import search, tracking
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
     from bratstune.errors import BratstuneError
-    from bratstune.search_space import load_search_space
+    from bratstune.search.space import load_search_space
 
     try:
         spec = load_search_space(args.space)

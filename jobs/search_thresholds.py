@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from bratstune import search, tracking
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
     from bratstune.errors import BratstuneError
-    from bratstune.threshold_search import load_threshold_space, run_threshold_search
+    from bratstune.search.thresholds import load_threshold_space, run_threshold_search
 
     try:
         spec = load_threshold_space(args.space)

@@ -51,7 +51,7 @@ def parse_fill(items: Sequence[str] | None) -> dict[str, str]:
 
 def run_variant(config: Mapping[str, Any]) -> dict[str, float]:
     """One variant (also the Ray Tune function trainable's body). Returns its ``val/`` metrics."""
-    from bratstune.train import fit
+    from bratstune.training.fit import fit
     from bratstune.transfer import evaluate_source, finetune, finetune_config, load_source, prepare_target
 
     variant = config["variant"]
@@ -126,8 +126,8 @@ def study_table(rows: Mapping[str, Mapping[str, float]], regions: Sequence[str])
 def smoke_inputs(work: Path) -> tuple[str, str]:
     """A seeded GLI unet (trained 1 epoch on 4 procedural GLI cases) and a 6-case SSA cohort."""
     from bratstune.data.synthetic import generate_cohort
-    from bratstune.train import fit
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.training.fit import fit
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     generate_cohort(work / "gli", challenge="GLI", cases=4, shape=(32, 32, 32), anatomy="procedural", seed=0, workers=1)
     generate_cohort(work / "ssa", challenge="SSA", cases=6, shape=(32, 32, 32), anatomy="procedural", seed=1, workers=1)
@@ -143,7 +143,7 @@ def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: st
     import ray
     from ray import tune
 
-    from bratstune.tracking import setup_mlflow
+    from bratstune.tracking.runs import setup_mlflow
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-transfer-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bratstune.errors import ConfigError
-from bratstune.losses import (
+from bratstune.training.losses import (
     TERMS,
     CompoundLoss,
     EdgeLoss,

@@ -1,4 +1,4 @@
-"""bratstune.tracking against a real SQLite MLflow store in tmp_path."""
+"""bratstune.tracking.runs against a real SQLite MLflow store in tmp_path."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bratstune import tracking
-from bratstune.train import EpochReport
-from bratstune.train_config import load_train_config
+from bratstune.tracking import runs as tracking
+from bratstune.training.fit import EpochReport
+from bratstune.training.config import load_train_config
 
 pytestmark = pytest.mark.mlflow
 

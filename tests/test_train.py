@@ -1,4 +1,4 @@
-"""bratstune.train.fit and its pieces (config, schedules, loss heads, checkpoints, validation).
+"""bratstune.training.fit.fit and its pieces (config, schedules, loss heads, checkpoints, validation).
 
 Everything runs on the CPU with one thread on a tiny procedural cohort (32^3 volumes, cropped
 to about 18x24x28 around the brain) and 24-32^3 patches; the whole file takes about a minute.
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bratstune.errors import ConfigError, DataError
-from bratstune.train import EpochReport, TrainData, compute_loss, fit, load_network
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.training.fit import EpochReport, TrainData, compute_loss, fit, load_network
+from bratstune.training.config import TrainConfig, load_train_config
 
 #: Tiny kwargs per architecture (as in tests/models/conftest.py); unet gets 3 levels at 24^3.
 TINY: dict[str, dict] = {
@@ -158,9 +158,9 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimiser_state(unet_r
 
 def test_resume_restores_optimiser_state_exactly(unet_run, cohort):
     """Loading a checkpoint puts back the optimiser tensors bit for bit."""
-    from bratstune.checkpoint import load_state
-    from bratstune.schedules import build_optimizer, build_scheduler
-    from bratstune.train import build_network
+    from bratstune.training.checkpoint import load_state
+    from bratstune.training.schedules import build_optimizer, build_scheduler
+    from bratstune.training.fit import build_network
 
     _, _, out = unet_run
     config = load_train_config(tiny_config())
@@ -290,7 +290,7 @@ def test_every_preset_loads():
 
 
 def _lrs(**optim) -> list[float]:
-    from bratstune.schedules import build_optimizer, build_scheduler
+    from bratstune.training.schedules import build_optimizer, build_scheduler
 
     config = load_train_config({"optim": {"lr": 1.0, **optim}}).optim
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
@@ -323,7 +323,7 @@ def test_other_schedules(optim, expected):
 
 
 def test_compute_loss_weights_deep_supervision_heads():
-    from bratstune.losses import CompoundLoss
+    from bratstune.training.losses import CompoundLoss
 
     torch.manual_seed(0)
     loss_fn = CompoundLoss({"dice": 1.0, "ce": 1.0})
@@ -345,7 +345,7 @@ def test_compute_loss_weights_deep_supervision_heads():
 )
 def test_region_dice(pred, ref, expected):
     from bratstune.labels import scheme_for
-    from bratstune.validate import region_dice
+    from bratstune.training.validate import region_dice
 
     got = region_dice(np.array(pred).reshape(1, 1, 4), np.array(ref).reshape(1, 1, 4), scheme_for("GLI"))
     assert got == pytest.approx(expected)
@@ -353,7 +353,7 @@ def test_region_dice(pred, ref, expected):
 
 def test_label_class_round_trip_for_legacy_labels():
     from bratstune.labels import get_scheme
-    from bratstune.validate import classes_to_labels, labels_to_classes
+    from bratstune.training.validate import classes_to_labels, labels_to_classes
 
     legacy = get_scheme("legacy")  # labels 1, 2, 4
     seg = np.array([0, 1, 2, 4], dtype=np.uint8)
@@ -375,7 +375,7 @@ def test_device_and_amp_choice():
 
 
 def test_split_train_val_is_stratified_and_complete(cohort):
-    from bratstune.train_data import split_train_val
+    from bratstune.data.cohort import split_train_val
 
     cases = list(cohort.train) + list(cohort.val)
     data = split_train_val(cases, cohort.scheme, val_fraction=0.5, seed=0)

@@ -20,7 +20,7 @@ def raw_cohort(tmp_path_factory):
 def test_train_command_end_to_end(raw_cohort, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from bratstune import tracking
+    from bratstune.tracking import runs as tracking
 
     config = tmp_path / "train.yaml"
     config.write_text(

@@ -74,7 +74,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = No
     """Run every step of the demo; returns a process exit code."""
     import ray
 
-    from bratstune import crossval, search
+    from bratstune.search import crossval
+    from bratstune.search import tune as search
     from bratstune.cli import main as cli
     from bratstune.data.synthetic import generate_cohort
 

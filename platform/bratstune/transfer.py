@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bratstune.errors import ConfigError, DataError
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.training.config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,9 @@ def load_source(source: str | Path, scheme_hint: Any = None, *, member: int = 0,
         DataError: nothing loadable there, or no such member.
     """
     from bratstune.data.layout import MODALITIES
-    from bratstune.ensemble import ENSEMBLE_FILE
-    from bratstune.network import load_network
-    from bratstune.registry import load_ensemble, resolve_member_source
+    from bratstune.ensemble.package import ENSEMBLE_FILE
+    from bratstune.training.network import load_network
+    from bratstune.ensemble.registry import load_ensemble, resolve_member_source
 
     text = str(source)
     local = Path(text).expanduser()
@@ -179,7 +179,7 @@ def channel_names(config: TrainConfig, scheme: Any) -> tuple[str, ...]:
     """Names of the output channels: region mode ``train_regions``; label mode background + labels."""
     if config.loss.mode == "region":
         return tuple(scheme.train_regions)
-    from bratstune.validate import label_values
+    from bratstune.training.validate import label_values
 
     return ("background", *(str(scheme.labels[v]) for v in label_values(scheme)))
 
@@ -206,7 +206,7 @@ def remap_head(
     Raises:
         DataError: a non-head tensor has a different shape in the target network.
     """
-    from bratstune.network import build_network
+    from bratstune.training.network import build_network
 
     src_scheme, dst_scheme = _scheme(src_scheme), _scheme(dst_scheme)
     src_names, dst_names = channel_names(config, src_scheme), channel_names(config, dst_scheme)
@@ -363,7 +363,7 @@ def prepare_target(
     """Check modalities, fill, preprocess and split the target cohort: ``(TrainData, challenge)``."""
     import tempfile
 
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     root = Path(root)
     needed = check_modalities(source.modalities, root, fill)
@@ -432,18 +432,18 @@ def finetune(
 
     Args:
         source: from :func:`load_source`.
-        target_data: :class:`~bratstune.train.TrainData` of the target cohort (its scheme may differ).
+        target_data: :class:`~bratstune.training.fit.TrainData` of the target cohort (its scheme may differ).
         config_overrides: nested or dotted keys over the source's config (``epochs``, ``optim.lr`` ...).
         freeze: layer groups kept fixed (``encoder``, ``middle``, ``decoder``, ``head``).
         out_dir: fit's output folder; also gets ``source_init.pt`` and ``transfer.json``.
-        reporter: passed to :func:`~bratstune.train.fit`.
+        reporter: passed to :func:`~bratstune.training.fit.fit`.
         challenge: the target challenge (lesion-wise rules of validation).
 
     Returns:
-        :class:`~bratstune.train.FitResult`; ``result.transfer`` holds the transfer record.
+        :class:`~bratstune.training.fit.FitResult`; ``result.transfer`` holds the transfer record.
     """
     from bratstune.models.groups import check_group_names
-    from bratstune.train import fit
+    from bratstune.training.fit import fit
 
     check_group_names(freeze)
     out = Path(out_dir)
@@ -474,8 +474,8 @@ def evaluate_source(
     source: SourceModel, target_data: Any, *, challenge: str | None, config_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """``val/...`` metrics of the (head-remapped) source model on the target's validation cases."""
-    from bratstune.train import inference_settings
-    from bratstune.validate import validate
+    from bratstune.training.fit import inference_settings
+    from bratstune.training.validate import validate
 
     if not target_data.val:
         raise DataError(None, "evaluate_source: the target data has no validation cases")

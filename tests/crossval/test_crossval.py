@@ -54,9 +54,11 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from bratstune import crossval, search, tracking
+    from bratstune.search import crossval
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
     from bratstune.data.layout import discover
-    from bratstune.ensemble import Ensemble
+    from bratstune.ensemble.package import Ensemble
 
     started = time.perf_counter()
     cohort = search.synthetic_cohort(cases=9, shape=(40, 40, 32), anatomy="procedural", root=tmp_path / "data")
@@ -126,7 +128,8 @@ def test_config_comes_from_a_search_parent_run_and_label_mode_is_refused(tmp_pat
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from bratstune import crossval, tracking
+    from bratstune.search import crossval
+    from bratstune.tracking import runs as tracking
     from bratstune.errors import ConfigError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -17,11 +17,11 @@ def trained_ensemble(tmp_path_factory) -> Path:
     from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig
     from bratstune.data.synthetic import generate_cohort
-    from bratstune.drift import training_fingerprint
-    from bratstune.ensemble import Ensemble
-    from bratstune.inference import InferenceConfig
+    from bratstune.predict.drift import training_fingerprint
+    from bratstune.ensemble.package import Ensemble
+    from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for
-    from bratstune.train import TrainData, fit
+    from bratstune.training.fit import TrainData, fit
 
     root = tmp_path_factory.mktemp("train")
     generate_cohort(root / "raw", challenge="GLI", cases=5, shape=(32, 32, 32), anatomy="procedural", seed=11, workers=1)

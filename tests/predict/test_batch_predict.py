@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bratstune.predict import predict_cohort
+from bratstune.predict.batch import predict_cohort
 
 from .conftest import make_cohort
 
@@ -93,7 +93,7 @@ def test_mixed_cohort_then_idempotent_then_incremental(trained_ensemble, mixed_c
 
 
 def test_interrupted_run_leaves_no_partial_output_and_resumes(trained_ensemble, tmp_path, monkeypatch):
-    from bratstune.ensemble import Ensemble
+    from bratstune.ensemble.package import Ensemble
 
     root = tmp_path / "cohort"
     ids = make_cohort(root, cases=3, seed=9)

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bratstune.predict import predict_cohort
+from bratstune.predict.batch import predict_cohort
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -20,9 +20,9 @@ def test_list_presets():
 
 @pytest.mark.parametrize("name", ARCH_PRESETS + PUBLISHED)
 def test_preset_is_a_valid_train_config_and_builds(name):
-    from bratstune.losses import CompoundLoss
+    from bratstune.training.losses import CompoundLoss
     from bratstune.models import build_model
-    from bratstune.train_config import load_train_config
+    from bratstune.training.config import load_train_config
 
     config = load_train_config(load_preset(name))
     assert describe_preset(name)

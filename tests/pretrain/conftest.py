@@ -23,8 +23,8 @@ def tiny_mae():
     """``tiny_mae(**model_overrides)`` -> a seeded MaskedAutoencoder3D."""
     import torch
 
-    from bratstune.pretrain_config import MaeModelConfig
-    from bratstune.pretrain_model import MaskedAutoencoder3D
+    from bratstune.pretrain.config import MaeModelConfig
+    from bratstune.pretrain.model import MaskedAutoencoder3D
 
     def make(**overrides):
         torch.manual_seed(0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bratstune.encoder_init import (
+from bratstune.models.encoder_init import (
     encoder_init_overrides,
     interpolate_pos_embed,
     load_encoder_weights,
@@ -13,7 +13,7 @@ from bratstune.encoder_init import (
 )
 from bratstune.errors import ConfigError, DataError
 from bratstune.models import build_model
-from bratstune.pretrain_export import save_encoder
+from bratstune.pretrain.export import save_encoder
 
 from .conftest import TINY_UNETR
 
@@ -90,8 +90,8 @@ def test_monai_masked_autoencoder_state_dicts_are_mapped(tmp_path):
 
 def test_train_config_routes_encoder_from_and_freezes(exported):
     from bratstune.labels import get_scheme
-    from bratstune.network import prepare_network
-    from bratstune.train_config import load_train_config
+    from bratstune.training.network import prepare_network
+    from bratstune.training.config import load_train_config
 
     mae, path = exported
     config = load_train_config({
@@ -120,7 +120,7 @@ def test_sources_and_search_space_overrides(tmp_path):
 
 
 def test_crops_are_deterministic_padded_and_differ_between_workers():
-    from bratstune.pretrain_data import CropSampler, random_crop
+    from bratstune.pretrain.data import CropSampler, random_crop
 
     image = np.arange(4 * 20 * 40 * 12, dtype=np.float32).reshape(4, 20, 40, 12)
     crop = random_crop(image, (16, 32, 16), np.random.default_rng(0))

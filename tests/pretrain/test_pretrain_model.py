@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bratstune.errors import ConfigError
-from bratstune.pretrain import lr_lambda
-from bratstune.pretrain_config import MaeModelConfig, load_pretrain_config
-from bratstune.pretrain_model import (
+from bratstune.pretrain.run import lr_lambda
+from bratstune.pretrain.config import MaeModelConfig, load_pretrain_config
+from bratstune.pretrain.model import (
     encoder_state_dict,
     mae_loss,
     normalise_patches,

@@ -153,8 +153,8 @@ def test_mlflow_run_records_scaling_history_and_artifacts(runs, monkeypatch):
 
 def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(runs, monkeypatch):
     from bratstune.labels import get_scheme
-    from bratstune.network import prepare_network
-    from bratstune.train_config import load_train_config
+    from bratstune.training.network import prepare_network
+    from bratstune.training.config import load_train_config
 
     from .conftest import TINY_UNETR
 
@@ -174,6 +174,6 @@ def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(run
     state = model.state_dict()
     assert all(torch.equal(state[k], exported[k]) for k in vit_keys)
     # the run id works as a source too
-    from bratstune.encoder_init import load_encoder_weights
+    from bratstune.models.encoder_init import load_encoder_weights
 
     assert load_encoder_weights(model, runs["summary"]["run_id"]).complete

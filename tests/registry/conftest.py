@@ -16,10 +16,10 @@ TINY = {"model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_
 
 
 def make_member(seed: int, name: str | None = None, metrics: dict | None = None):
-    from bratstune.ensemble import Member
+    from bratstune.ensemble.package import Member
     from bratstune.labels import scheme_for
-    from bratstune.network import build_network, resolve_config
-    from bratstune.train_config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
+    from bratstune.training.config import load_train_config
 
     config = resolve_config(load_train_config(TINY))
     torch.manual_seed(seed)
@@ -28,8 +28,8 @@ def make_member(seed: int, name: str | None = None, metrics: dict | None = None)
 
 
 def make_ensemble(seeds=(0, 1), *, metric: float = 0.5, **kwargs):
-    from bratstune.ensemble import Ensemble
-    from bratstune.inference import InferenceConfig
+    from bratstune.ensemble.package import Ensemble
+    from bratstune.inference.sliding_window import InferenceConfig
 
     kwargs.setdefault("inference", InferenceConfig(overlap=0.25, flips=True))
     return Ensemble.from_members([make_member(s) for s in seeds], scheme="brats2023", challenge="GLI",

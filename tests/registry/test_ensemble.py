@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bratstune.ensemble import Ensemble, IntegrityError
+from bratstune.ensemble.package import Ensemble, IntegrityError
 from bratstune.errors import ConfigError
-from bratstune.inference import InferenceConfig, apply_view, invert_view, probabilities_on_grid, tta_views
+from bratstune.inference.sliding_window import InferenceConfig, apply_view, invert_view, probabilities_on_grid, tta_views
 
 from .conftest import make_ensemble, make_member  # noqa: F401  (importlib mode: package-relative)
 
@@ -119,7 +119,7 @@ def test_from_members_validates():
 
 
 def test_drift_flags():
-    from bratstune.drift import check_drift, training_fingerprint
+    from bratstune.predict.drift import check_drift, training_fingerprint
 
     def fp(scale=1.0, orientation=("R", "A", "S"), spacing=(1.0, 1.0, 1.0)):
         return {"shape": [240, 240, 155], "spacing": list(spacing), "orientation": list(orientation),

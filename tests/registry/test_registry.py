@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bratstune.ensemble import IntegrityError
-from bratstune.registry import CHAMPION, PREVIOUS, load_ensemble, promote, register_ensemble
+from bratstune.ensemble.package import IntegrityError
+from bratstune.ensemble.registry import CHAMPION, PREVIOUS, load_ensemble, promote, register_ensemble
 
 from .conftest import make_ensemble, random_image
 
@@ -22,7 +22,7 @@ METRIC = "val/dice_mean"
 
 
 def _register(ensemble, name: str = NAME) -> str:
-    from bratstune.tracking import setup_mlflow, start_run
+    from bratstune.tracking.runs import setup_mlflow, start_run
 
     experiment_id = setup_mlflow("registry-test")
     with start_run(run_name="register", experiment_id=experiment_id):
@@ -142,7 +142,7 @@ def test_promote_job_from_member_folders(mlflow_store, tmp_path, capsys):
     """jobs/promote_ensemble.py with two trained-model folders and a training cohort."""
     import torch
 
-    from bratstune.checkpoint import save_best
+    from bratstune.training.checkpoint import save_best
     from bratstune.data.synthetic import generate_cohort
 
     from .conftest import make_member

@@ -17,7 +17,7 @@ class InjectedFailure(RuntimeError):
 def fail_one_trial(config, data, reporter=None, *, marker: str, **kwargs):
     from ray import tune
 
-    from bratstune.train import fit
+    from bratstune.training.fit import fit
 
     trial_id = tune.get_context().get_trial_id()
     path = Path(marker)

@@ -168,8 +168,9 @@ def driver(ray_head, monkeypatch):
 def test_a_failing_trial_is_recorded_and_the_search_completes(driver, tmp_path):
     from ray import cloudpickle  # Ray's vendored copy is the one that pickles trainables
 
-    from bratstune import search, tracking
-    from bratstune.search_space import load_search_space
+    from bratstune.search import tune as search
+    from bratstune.tracking import runs as tracking
+    from bratstune.search.space import load_search_space
 
     import importlib.util
 
@@ -209,7 +210,7 @@ def test_killed_search_resumes_and_keeps_finished_trials(ray_head, tmp_path):
     env = dict(os.environ, BRATSTUNE_HOME=str(home), MLFLOW_TRACKING_URI=uri, TUNE_GLOBAL_CHECKPOINT_S="1", **RAY_ENV)
     args = [sys.executable, "jobs/search_losses.py", "--smoke-test", "--num-samples", "4", "--address",
             ray_head["address"], "--name", "resumable", "--storage-path", str(storage)]
-    from bratstune import tracking
+    from bratstune.tracking import runs as tracking
 
     tracking.setup_mlflow("bratstune-search", uri=uri)  # schema once, before two processes open the store
     log = open(tmp_path / "first.log", "w")

@@ -8,14 +8,14 @@ import pytest
 import yaml
 
 from bratstune.errors import ConfigError
-from bratstune.search_space import (
+from bratstune.search.space import (
     DISTRIBUTIONS,
     load_search_space,
     load_space_file,
     make_sampler,
     parse_spec,
 )
-from bratstune.threshold_search import ThresholdSpec, parse_threshold_space
+from bratstune.search.thresholds import ThresholdSpec, parse_threshold_space
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -170,7 +170,7 @@ def test_threshold_space_validation():
 
 
 def test_demo_variant_is_small_and_uses_asha():
-    from bratstune.search_space import demo_variant
+    from bratstune.search.space import demo_variant
 
     spec = demo_variant(load_search_space(ROOT / "search_spaces" / "losses.yaml"))
     assert spec.num_samples == 6 and spec.scheduler.type == "asha" and spec.max_t == 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bratstune.labels import get_scheme, labels_to_regions
-from bratstune.threshold_search import (
+from bratstune.search.thresholds import (
     CachedCase,
     apply_postprocess,
     evaluate,

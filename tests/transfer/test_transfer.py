@@ -30,10 +30,10 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory) -> Path:
     """A GLI best-model folder (model.pt + config.yaml) of a seeded unet."""
-    from bratstune.checkpoint import save_best
+    from bratstune.training.checkpoint import save_best
     from bratstune.labels import scheme_for
-    from bratstune.network import build_network, resolve_config
-    from bratstune.train_config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
+    from bratstune.training.config import load_train_config
 
     torch.manual_seed(123)
     config = resolve_config(load_train_config(CONFIG))
@@ -94,7 +94,7 @@ def test_gli_to_ped_remaps_head(tmp_path, tmp_path_factory, source_dir, caplog):
 
     from bratstune.labels import scheme_for
     from bratstune.transfer import finetune, load_source, prepare_target, remap_head
-    from bratstune.validate import decode_prediction, predict_probabilities
+    from bratstune.training.validate import decode_prediction, predict_probabilities
 
     source = load_source(source_dir)
     ped = scheme_for("PED")
@@ -117,7 +117,7 @@ def test_gli_to_ped_remaps_head(tmp_path, tmp_path_factory, source_dir, caplog):
     assert result.transfer["mapping"]["CC"] is None
     out = result.model.state_dict()[weight]
     assert out.shape[0] == len(ped.train_regions)
-    from bratstune.train import inference_settings
+    from bratstune.training.fit import inference_settings
 
     case = data.val[0]
     probs = predict_probabilities(result.model, case.image, inference_settings(result.config))

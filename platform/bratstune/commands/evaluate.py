@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     post = None
     if args.postprocess is not None:
         from bratstune.labels import scheme_for
-        from bratstune.postprocess import PostprocessConfig, postprocess
+        from bratstune.inference.postprocess import PostprocessConfig, postprocess
 
         config = PostprocessConfig.from_mapping(_parse_spec(args.postprocess))
         scheme = scheme_for(args.challenge, 2023 if args.protocol == "brats2023" else 2025)

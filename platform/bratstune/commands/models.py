@@ -20,8 +20,8 @@ def _fmt(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import mlflow
 
-    from bratstune.registry import list_models
-    from bratstune.tracking import tracking_uri
+    from bratstune.ensemble.registry import list_models
+    from bratstune.tracking.runs import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     rows = list_models(args.name)

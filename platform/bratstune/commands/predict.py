@@ -3,7 +3,7 @@
 Predicts every new or changed case of the cohort with a packaged ensemble (default
 ``models:/bratstune-gli@champion``) and writes ``<case-id>-seg.nii.gz`` (input geometry),
 ``predictions.csv``, ``failures.csv``, ``report.html`` and an MLflow run; see
-:mod:`bratstune.predict`. ``--workers 1`` runs in this process without Ray; ``--workers N``
+:mod:`bratstune.predict.batch`. ``--workers 1`` runs in this process without Ray; ``--workers N``
 uses N Ray actors (local Ray started here, or ``--address`` / ``RAY_ADDRESS``).
 ``--watch DIR --interval S`` polls an inbox instead. Exit code: 0 when every case is predicted,
 1 when a case failed (see failures.csv), 2 on a usage error. ``jobs/batch_predict.py`` is this
@@ -59,11 +59,11 @@ def _init_ray(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bratstune.predict import predict_cohort, watch
+    from bratstune.predict.batch import predict_cohort, watch
 
     if args.workers < 1:
         raise ConfigError(f"--workers: expected >= 1, got {args.workers}")
-    logging.getLogger("bratstune.predict").setLevel(logging.INFO)
+    logging.getLogger("bratstune.predict.batch").setLevel(logging.INFO)
     options = dict(workers=args.workers, force=args.force, device=args.device, threads=args.threads,
                    thumbnails=not args.no_thumbnails, progress=not args.no_progress,
                    experiment=None if args.no_mlflow else args.experiment)

@@ -3,7 +3,7 @@
 Steps: resolve each member (a ``fit`` best-model folder, a 32-hex MLflow run id or a ``runs:/``
 URI whose ``best_model`` artifact is fetched), optionally read thresholds / post-processing
 (``--thresholds``: the ``best_postprocess.yaml`` of a threshold search, or its run id), compute
-the training data's fingerprint from ``--data``, build the :class:`bratstune.ensemble.Ensemble`,
+the training data's fingerprint from ``--data``, build the :class:`bratstune.ensemble.package.Ensemble`,
 register it as a new version of ``--name`` (default ``bratstune-<challenge>``) inside an MLflow
 run, and move the ``champion`` alias only if the new version beats the current champion on
 ``--metric`` (``--force`` moves it anyway; that is tagged and logged). Exit code 0 whether or not
@@ -71,8 +71,8 @@ def _thresholds(source: str | None) -> tuple[dict[str, float] | None, dict[str, 
 def _smoke_members(tmp: Path) -> tuple[list[Path], Path]:
     from bratstune.data.synthetic import generate_cohort
     from bratstune.labels import scheme_for
-    from bratstune.train import fit
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.training.fit import fit
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     generate_cohort(tmp / "data", challenge="GLI", cases=6, shape=(32, 32, 32), anatomy="procedural", workers=1)
     prepared = prepare_cohort(tmp / "data", preprocess_config({}), cache_root=tmp / "cache")
@@ -89,12 +89,12 @@ def _smoke_members(tmp: Path) -> tuple[list[Path], Path]:
 
 def build(args: argparse.Namespace, workdir: Path) -> Any:
     """The :class:`Ensemble` described by the arguments (members fetched into ``workdir``)."""
-    from bratstune.drift import training_fingerprint
-    from bratstune.ensemble import Ensemble, Member
-    from bratstune.inference import InferenceConfig
+    from bratstune.predict.drift import training_fingerprint
+    from bratstune.ensemble.package import Ensemble, Member
+    from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import get_scheme, scheme_for
-    from bratstune.registry import resolve_member_source
-    from bratstune.tracking import git_commit
+    from bratstune.ensemble.registry import resolve_member_source
+    from bratstune.tracking.runs import git_commit
 
     sources = list(args.members)
     data = args.data
@@ -122,7 +122,7 @@ def build(args: argparse.Namespace, workdir: Path) -> Any:
     lineage = {"members": ",".join(sources)}
     fingerprint: dict[str, Any] = {}
     if data is not None:
-        from bratstune.train_data import prepare_cohort, preprocess_config
+        from bratstune.data.cohort import prepare_cohort, preprocess_config
 
         prepared = prepare_cohort(Path(data), preprocess_config(dict(members[0].config.data.preprocess)))
         fingerprint = training_fingerprint(c.fingerprint for c in prepared.cases)
@@ -152,8 +152,8 @@ def _member_name(source: str, folder: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bratstune.registry import default_model_name, promote, register_ensemble
-    from bratstune.tracking import log_config, setup_mlflow, start_run
+    from bratstune.ensemble.registry import default_model_name, promote, register_ensemble
+    from bratstune.tracking.runs import log_config, setup_mlflow, start_run
 
     experiment_id = setup_mlflow(args.experiment)
     with tempfile.TemporaryDirectory(prefix="bratstune-promote-") as tmp:

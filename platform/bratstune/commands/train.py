@@ -2,7 +2,7 @@
 
 Steps: read the config (YAML file or bundled preset, then ``--set`` overrides), discover the
 labelled cases under ``--data``, prepare them in the preprocessing cache, hold out
-``--val-fraction`` of them (stratified by tumour volume), and run :func:`bratstune.train.fit`
+``--val-fraction`` of them (stratified by tumour volume), and run :func:`bratstune.training.fit.fit`
 inside an MLflow run (embedded SQLite store unless ``MLFLOW_TRACKING_URI`` is set) that records
 the resolved config (params + ``config.yaml``), per-epoch metrics, the best model
 (``best_model/``) and ``validation.png`` (reference vs predicted labels on validation slices).
@@ -24,7 +24,7 @@ HELP = "train one model from a YAML config or a preset, tracked in MLflow"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="cohort folder with labelled cases")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="training config YAML (see bratstune.train_config)")
+    source.add_argument("--config", type=Path, help="training config YAML (see bratstune.training.config)")
     source.add_argument("--preset", help="bundled preset name (`bratstune presets` lists them)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,8 +66,8 @@ def _summary_lines(result: Any, scheme: Any) -> list[str]:
 
 
 def _validation_png(result: Any, data: Any, out: Path, max_cases: int = 2) -> Path | None:
-    from bratstune.train import inference_settings
-    from bratstune.validate import decode_prediction, predict_probabilities, save_overlay_png
+    from bratstune.training.fit import inference_settings
+    from bratstune.training.validate import decode_prediction, predict_probabilities, save_overlay_png
 
     if not data.val:
         return None
@@ -83,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     import mlflow
 
     from bratstune import paths
-    from bratstune.tracking import MlflowReporter, setup_mlflow, start_run
-    from bratstune.train import TrainData, fit, resolve_config
-    from bratstune.train_config import load_train_config
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.tracking.runs import MlflowReporter, setup_mlflow, start_run
+    from bratstune.training.fit import TrainData, fit, resolve_config
+    from bratstune.training.config import load_train_config
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     if args.workers < 1:
         raise ConfigError(f"--workers: expected >= 1, got {args.workers}")

@@ -80,7 +80,7 @@ def _build_unet(
     module returns, **in training mode only**, a stacked tensor ``(B, 1 + deep_supr_num, C,
     X, Y, Z)``: index 0 is the full-resolution output, index ``i`` the head ``i`` levels
     higher up the decoder, already upsampled by MONAI to the full output size (so the loss
-    can use the full-resolution target; see ``bratstune.losses.deep_supervision_loss``).
+    can use the full-resolution target; see ``bratstune.training.losses.deep_supervision_loss``).
     In eval mode it returns the plain ``(B, C, X, Y, Z)`` output.
     """
     from monai.networks.nets import DynUNet

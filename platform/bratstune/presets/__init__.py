@@ -3,7 +3,7 @@
 One preset per architecture (``unet``, ``resunet``, ``attention_unet``, ``unetr``,
 ``swin_unetr``, ``segresnet``) and published BraTS loss/optimiser settings
 (``focal_tversky_ce``, ``dice_focal_edge``, ``mse_ce_edge``). Each file is a
-:class:`bratstune.train_config.TrainConfig` mapping; its first comment line describes it.
+:class:`bratstune.training.config.TrainConfig` mapping; its first comment line describes it.
 Nothing is read at import time.
 """
 from __future__ import annotations

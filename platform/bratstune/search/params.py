@@ -1,7 +1,7 @@
 """Parameters of a search space: distributions, conditions, derived expressions, dotted paths.
 
 One :class:`ParamSpec` per ``params:`` entry of a search-space YAML (see
-:mod:`bratstune.search_space` for the file format). Expressions and conditions are parsed with
+:mod:`bratstune.search.space` for the file format). Expressions and conditions are parsed with
 ``ast`` into a tiny whitelisted evaluator (arithmetic, comparisons, ``min``/``max``/``abs``/
 ``round``) -- written by hand because no maintained library offers a safe evaluator this small.
 """

@@ -63,7 +63,7 @@ def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: An
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    from bratstune.validate import label_values, labels_to_classes
+    from bratstune.training.validate import label_values, labels_to_classes
 
     values = label_values(scheme)
     cmap = ListedColormap(list(PALETTE[: max(1, len(values))]))

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
 from bratstune.errors import ConfigError
-from bratstune.search_params import (  # noqa: F401  (re-exported)
+from bratstune.search.params import (  # noqa: F401  (re-exported)
     DISTRIBUTIONS,
     META_PREFIX,
     Condition,
@@ -57,7 +57,7 @@ from bratstune.search_params import (  # noqa: F401  (re-exported)
     parse_param,
     set_path,
 )
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.training.config import TrainConfig, load_train_config
 
 if TYPE_CHECKING:
     import optuna
@@ -334,7 +334,7 @@ def _section(cls: type, raw: Mapping[str, Any], key: str, where: str) -> Any:
 
 
 def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str) -> None:
-    from bratstune.losses import TERMS
+    from bratstune.training.losses import TERMS
 
     seen: list[str] = []
     for p in params:
@@ -390,7 +390,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str
     if kind != "train":
         raise ConfigError(
             f"{where}: kind '{kind}' is a threshold search over cached probabilities; load it with "
-            "bratstune.threshold_search.load_threshold_space (jobs/search_thresholds.py)"
+            "bratstune.search.thresholds.load_threshold_space (jobs/search_thresholds.py)"
         )
     for key in raw:
         if key not in _TOP_KEYS:
@@ -460,11 +460,11 @@ def load_search_space(path: str | Path) -> SearchSpec:
 
 def load_space_file(path: str | Path) -> Any:
     """Load any file of ``search_spaces/``: a :class:`SearchSpec` (``kind: train``, the default)
-    or a ``bratstune.threshold_search.ThresholdSpec`` (``kind: thresholds``)."""
+    or a ``bratstune.search.thresholds.ThresholdSpec`` (``kind: thresholds``)."""
     path = Path(path).resolve()
     raw = load_yaml(path)
     if str(raw.get("kind", "train")) == "thresholds":
-        from bratstune.threshold_search import parse_threshold_space
+        from bratstune.search.thresholds import parse_threshold_space
 
         return parse_threshold_space(raw, source=path)
     return parse_spec(raw, source=path, where=str(path))

@@ -131,7 +131,7 @@ def invert_view(volume: torch.Tensor, view: View) -> torch.Tensor:
 
 
 def _main_output(output: Any) -> torch.Tensor:
-    from bratstune.validate import main_output
+    from bratstune.training.validate import main_output
 
     return main_output(output)
 

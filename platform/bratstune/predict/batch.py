@@ -14,7 +14,7 @@ For every case :func:`bratstune.data.layout.discover` finds (any supported namin
 2. load, preprocess, ensemble inference, threshold, post-process (``Ensemble.segment``), and write
    ``<out>/<case-id>-seg.nii.gz`` with the input's affine and header through a temporary file and
    a rename (an interrupted run never leaves a partial NIfTI);
-3. compare its fingerprint with the training data's (:mod:`bratstune.drift`): flags, never refusal;
+3. compare its fingerprint with the training data's (:mod:`bratstune.predict.drift`): flags, never refusal;
 4. QC thumbnail ``<out>/qc/<case-id>.png``; region volumes (mL) and lesion counts.
 
 Then ``predictions.csv`` (every finished case of the cohort), ``failures.csv`` (case, one-line
@@ -135,7 +135,7 @@ class CasePredictor:
                  threads: int | None = None, thumbnails: bool = True, ensemble: Any = None) -> None:
         import torch
 
-        from bratstune.ensemble import Ensemble
+        from bratstune.ensemble.package import Ensemble
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -159,8 +159,8 @@ class CasePredictor:
 
     def _predict(self, case: Any) -> dict[str, Any]:
         from bratstune.data.layout import load_case, write_nifti_atomic
-        from bratstune.drift import check_drift
-        from bratstune.predict_report import region_stats, save_thumbnail
+        from bratstune.predict.drift import check_drift
+        from bratstune.predict.report import region_stats, save_thumbnail
 
         ens = self.ensemble
         t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def predict_cohort(
     Args:
         cohort: folder of cases (any supported layout, searched recursively).
         model: ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` / ``runs:/`` URI, a model or
-            ensemble folder, or a :class:`bratstune.registry.LoadedEnsemble`.
+            ensemble folder, or a :class:`bratstune.ensemble.registry.LoadedEnsemble`.
         out: output folder (segmentations, ledger, tables, report).
         workers: 1 = in this process, no Ray; N > 1 = N Ray actors.
         force: re-predict every case.
@@ -328,7 +328,7 @@ def predict_cohort(
         :class:`BatchSummary` (``ok`` is False when a case failed).
     """
     from bratstune.data.layout import discover
-    from bratstune.registry import LoadedEnsemble, load_ensemble
+    from bratstune.ensemble.registry import LoadedEnsemble, load_ensemble
 
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
@@ -412,7 +412,7 @@ def predict_cohort(
 
 
 def _write_outputs(summary: BatchSummary, ens: Any) -> None:
-    from bratstune.predict_report import save_summary_plot, write_report
+    from bratstune.predict.report import save_summary_plot, write_report
 
     out = summary.out
     regions = list(ens.scheme.regions)
@@ -431,7 +431,7 @@ def _write_outputs(summary: BatchSummary, ens: Any) -> None:
 def _log_batch(summary: BatchSummary, loaded: Any, experiment: str) -> str | None:
     import mlflow
 
-    from bratstune.tracking import setup_mlflow, start_run
+    from bratstune.tracking.runs import setup_mlflow, start_run
 
     experiment_id = setup_mlflow(experiment)
     tags = {"bratstune.kind": "batch_predict", "model.uri": loaded.uri, "model.name": loaded.name or "",

@@ -1,14 +1,14 @@
 """Initialise a segmenter's encoder from pre-trained weights, with an exact account of every tensor.
 
 ``init: {encoder_from: SOURCE}`` in a training config ends up here
-(:func:`bratstune.network.prepare_network`). ``SOURCE`` is one of
+(:func:`bratstune.training.network.prepare_network`). ``SOURCE`` is one of
 
 * ``models:/bratstune-mae-encoder@latest`` (or ``models:/NAME/3``, ``models:/NAME@alias``):
   a registered MAE encoder (``latest`` is MLflow's built-in alias for the newest version);
 * ``runs:/<run id>/encoder`` or a bare 32-hex MLflow run id (its ``encoder/`` artifacts);
 * a file (``encoder.pt``, any state dict or ``{"model": state_dict}``) or a folder holding one.
 
-MLflow sources are downloaded from :func:`bratstune.tracking.tracking_uri` (``$MLFLOW_TRACKING_URI``
+MLflow sources are downloaded from :func:`bratstune.tracking.runs.tracking_uri` (``$MLFLOW_TRACKING_URI``
 or the embedded store).
 
 Matching (:func:`load_encoder_weights`): a tensor of the file is loaded when the model has a
@@ -169,7 +169,7 @@ def resolve_encoder_source(source: str | Path, *, dst: Path | None = None) -> Pa
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from bratstune.tracking import tracking_uri
+        from bratstune.tracking.runs import tracking_uri
 
         uri = text if text.startswith(_MLFLOW_SCHEMES) else f"runs:/{text}/encoder"
         folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="bratstune-encoder-"))

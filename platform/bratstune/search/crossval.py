@@ -8,25 +8,25 @@
 
 Steps, all in plain sight of :func:`cross_validate`:
 
-* **Folds**: the cohort is preprocessed once into the cache (``bratstune.train_data.prepare_cohort``)
+* **Folds**: the cohort is preprocessed once into the cache (``bratstune.data.cohort.prepare_cohort``)
   and cut into ``k`` folds stratified by tumour volume (``bratstune.data.sampling.stratified_folds``).
 * **Training**: one Ray Tune trial per fold (``Tuner`` over ``tune.grid_search(range(k))`` of the
   meta parameter ``_fold``, FIFO, per-trial resources). Each trial *is* a search trial:
-  :func:`bratstune.search.run_trial` with that fold's :class:`bratstune.search.DataHandle`, so a
+  :func:`bratstune.search.tune.run_trial` with that fold's :class:`bratstune.search.tune.DataHandle`, so a
   fold gets the same MLflow child run (params, per-epoch metrics, ``best_model`` artifact,
   ``stop_reason``) under the CV parent run, checkpoints/retries and the driver-side
-  :class:`bratstune.search_callback.TrialRunCallback`. Its ``fit_fn`` wraps ``train.fit`` to keep
+  :class:`bratstune.search.callback.TrialRunCallback`. Its ``fit_fn`` wraps ``train.fit`` to keep
   the fold's best model (``<out>/folds/foldI/best_model``) and to write the out-of-fold (OOF)
   probabilities of its held-out cases (``<out>/oof/<case_id>.npy``, float16 ``(R, x, y, z)``
   on the preprocessed crop) before the trial ends.
 * **Thresholds**: the pooled OOF probabilities are decoded and scored by
-  :func:`bratstune.threshold_search.search_thresholds` (no re-inference); the default setting is
+  :func:`bratstune.search.thresholds.search_thresholds` (no re-inference); the default setting is
   its first trial, so tuning never scores worse than the default on the OOF cases.
-* **Ensemble**: the fold models become the members of an :class:`bratstune.ensemble.Ensemble`
+* **Ensemble**: the fold models become the members of an :class:`bratstune.ensemble.package.Ensemble`
   with the tuned thresholds / post-processing, the training fingerprint, lineage
   (``cv_run_id``, ``search_run_id``) and metrics (``cv/dice_lesion_mean`` = tuned pooled OOF);
   saved to ``<out>/ensemble`` and, with ``register=``, registered and promoted through the gate
-  (:mod:`bratstune.registry`).
+  (:mod:`bratstune.ensemble.registry`).
 
 Output folder (``<storage_path>/<name>``)::
 
@@ -56,11 +56,11 @@ import numpy as np
 
 from bratstune import paths
 from bratstune.errors import BratstuneError, ConfigError, DataError
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.training.config import TrainConfig, load_train_config
 
 if TYPE_CHECKING:
-    from bratstune.ensemble import Ensemble
-    from bratstune.search import DataHandle
+    from bratstune.ensemble.package import Ensemble
+    from bratstune.search.tune import DataHandle
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def smoke_config(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def config_from_search(run_id: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The ``best_config.yaml`` artifact of a search's parent run (``bratstune.search_results``)."""
+    """The ``best_config.yaml`` artifact of a search's parent run (``bratstune.search.results``)."""
     import mlflow
     import yaml
 
@@ -216,11 +216,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _fit_and_keep(config: Any, data: Any, reporter: Any = None, *, fold: int, cv_dir: str,
                   fit_fn: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
     """``train.fit`` + keep the fold's best model + write its OOF probabilities (in the trial)."""
-    from bratstune.threshold_search import cache_probabilities
-    from bratstune.train import inference_settings
+    from bratstune.search.thresholds import cache_probabilities
+    from bratstune.training.fit import inference_settings
 
     if fit_fn is None:
-        from bratstune.train import fit as fit_fn
+        from bratstune.training.fit import fit as fit_fn
     result = fit_fn(config, data, reporter, **kwargs)
     fold_dir = Path(cv_dir) / FOLDS_DIR / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -245,8 +245,8 @@ def _fit_and_keep(config: Any, data: Any, reporter: Any = None, *, fold: int, cv
 
 
 def run_fold(config: dict[str, Any], ctx: CVContext) -> None:
-    """Ray Tune function trainable of one fold: :func:`bratstune.search.run_trial` on its split."""
-    from bratstune.search import TrialContext, run_trial
+    """Ray Tune function trainable of one fold: :func:`bratstune.search.tune.run_trial` on its split."""
+    from bratstune.search.tune import TrialContext, run_trial
 
     fold = int(config[FOLD_KEY])
     trial_ctx = TrialContext(
@@ -266,7 +266,7 @@ def load_oof(out_dir: Path, cases: Sequence[Any]) -> list[Any]:
     Raises:
         DataError: a case has no OOF file (its fold did not finish).
     """
-    from bratstune.threshold_search import CachedCase
+    from bratstune.search.thresholds import CachedCase
 
     out = []
     for case in cases:
@@ -312,13 +312,13 @@ class CVOutcome:
     folds: list[list[str]] = field(default_factory=list)
     metric: str = DEFAULT_METRIC
     registered: str | None = None  # "NAME/VERSION"
-    promotion: Any = None  # bratstune.registry.Promotion
+    promotion: Any = None  # bratstune.ensemble.registry.Promotion
 
 
 def _threshold_spec(space: Any, challenge: str | None, trials: int) -> Any:
     from dataclasses import replace
 
-    from bratstune.threshold_search import ThresholdSpec, load_threshold_space, parse_threshold_space
+    from bratstune.search.thresholds import ThresholdSpec, load_threshold_space, parse_threshold_space
 
     if isinstance(space, ThresholdSpec):
         spec = space
@@ -341,7 +341,7 @@ def _start_parent(client: Any, experiment_id: str, name: str, config: TrainConfi
                   resources: Mapping[str, float]) -> str:
     import yaml
 
-    from bratstune.tracking import log_config, run_tags
+    from bratstune.tracking.runs import log_config, run_tags
 
     extra = {"bratstune.kind": "crossval", "cv.name": name, "cv.output": str(out_dir)}
     if search_run_id:
@@ -419,12 +419,12 @@ def cross_validate(
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from bratstune import tracking
+    from bratstune.tracking import runs as tracking
     from bratstune.data.cache import CaseCache
     from bratstune.data.layout import discover
-    from bratstune.search import DataHandle
-    from bratstune.search_callback import TrialRunCallback, find_trial_run
-    from bratstune.train_data import prepare_cohort, preprocess_config
+    from bratstune.search.tune import DataHandle
+    from bratstune.search.callback import TrialRunCallback, find_trial_run
+    from bratstune.data.cohort import prepare_cohort, preprocess_config
 
     plain = load_train_config(config).to_dict()
     if smoke:
@@ -509,7 +509,7 @@ def cross_validate(
             raise BratstuneError("cross-validation incomplete, " + "; ".join(failed))
 
         # -- pooled OOF: metrics, thresholds ------------------------------------------------------------
-        from bratstune.threshold_search import evaluate, search_thresholds, split_values
+        from bratstune.search.thresholds import evaluate, search_thresholds, split_values
 
         scheme = prepared.scheme
         cached_by_fold = [load_oof(out_dir, [prepared.cases[i] for i in val]) for val in fold_idx]
@@ -534,7 +534,7 @@ def cross_validate(
             client.log_param(parent_run_id, f"tuned.{key}", str(value))
         _write_thresholds(out_dir, thresholds, post, spec.metric, tuned_outcome)
         client.log_artifact(parent_run_id, str(out_dir / "thresholds.yaml"))
-        from bratstune.search_results import write_csv
+        from bratstune.search.results import write_csv
 
         client.log_text(parent_run_id, write_csv(tuned_outcome.table), "thresholds/results.csv")
 
@@ -591,9 +591,9 @@ def _build_ensemble(out_dir: Path, k: int, scheme: Any, challenge: str | None, t
                     post: Mapping[str, Any], oof_default: Mapping[str, float], oof_tuned: Mapping[str, float],
                     fold_metrics: Sequence[Mapping[str, float]], prepared: Any, cv_run_id: str,
                     search_run_id: str | None, inference: Any) -> Ensemble:
-    from bratstune.drift import training_fingerprint
-    from bratstune.ensemble import Ensemble, Member
-    from bratstune.tracking import git_commit
+    from bratstune.predict.drift import training_fingerprint
+    from bratstune.ensemble.package import Ensemble, Member
+    from bratstune.tracking.runs import git_commit
 
     members = [Member.from_folder(out_dir / FOLDS_DIR / f"fold{i}" / BEST_DIR, scheme, name=f"fold{i}")
                for i in range(k)]
@@ -621,7 +621,7 @@ def _register(outcome: CVOutcome, name: str, *, promote: bool, force: bool) -> N
     """Register the ensemble in the CV parent run and (optionally) promote it through the gate."""
     import mlflow
 
-    from bratstune import registry
+    from bratstune.ensemble import registry
 
     with mlflow.start_run(run_id=outcome.parent_run_id):
         version = str(registry.register_ensemble(outcome.ensemble, name=name, metric=outcome.metric,

@@ -10,7 +10,7 @@
 
 Each Optuna trial decodes the cached per-region probabilities with its thresholds
 (``bratstune.labels.regions_to_labels``), applies its post-processing (per-region minimum
-lesion size, hole filling; ``bratstune.postprocess``) and scores the result with the BraTS
+lesion size, hole filling; ``bratstune.inference.postprocess``) and scores the result with the BraTS
 lesion-wise metrics; only the probabilities are expensive, and they are computed once.
 
 Parameter names (``params`` of a ``kind: thresholds`` space): ``thresholds.<REGION>``
@@ -32,7 +32,7 @@ import numpy as np
 
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
 from bratstune.errors import ConfigError, DataError
-from bratstune.search_space import MODES, DataSpec, ParamSpec, SearchAlgSpec, parse_param
+from bratstune.search.space import MODES, DataSpec, ParamSpec, SearchAlgSpec, parse_param
 
 if TYPE_CHECKING:
     import optuna
@@ -157,10 +157,10 @@ class CachedCase:
 
 
 def cache_probabilities(model: torch.nn.Module, cases: Sequence[Any], settings: Any) -> list[CachedCase]:
-    """Sliding-window probabilities of every labelled case (``bratstune.validate.predict_probabilities``)."""
+    """Sliding-window probabilities of every labelled case (``bratstune.training.validate.predict_probabilities``)."""
     import torch
 
-    from bratstune.validate import predict_probabilities
+    from bratstune.training.validate import predict_probabilities
 
     if settings.mode != "region":
         raise ConfigError("threshold search needs a region-mode model (sigmoid per region); this one is label-mode")
@@ -184,7 +184,7 @@ def load_trained_model(source: str | Path, scheme: Any, *, in_channels: int = 4)
     ``MlflowReporter`` log it), or any URI ``mlflow.artifacts.download_artifacts`` understands
     (``models:/NAME/VERSION``, ``models:/NAME@champion``) whose files include ``config.yaml``.
     """
-    from bratstune.train import load_network
+    from bratstune.training.fit import load_network
 
     folder = Path(str(source))
     if not folder.is_dir():
@@ -214,8 +214,8 @@ def split_values(values: Mapping[str, Any], regions: Sequence[str]) -> tuple[dic
 
 
 def apply_postprocess(labels: np.ndarray, scheme: Any, config: Mapping[str, Any]) -> np.ndarray:
-    """Per-region minimum lesion size and hole filling (:func:`bratstune.postprocess.postprocess`)."""
-    from bratstune.postprocess import postprocess
+    """Per-region minimum lesion size and hole filling (:func:`bratstune.inference.postprocess.postprocess`)."""
+    from bratstune.inference.postprocess import postprocess
 
     if not config.get("min_size") and not config.get("fill_holes"):
         return labels
@@ -234,7 +234,7 @@ def decode(case: CachedCase, scheme: Any, values: Mapping[str, Any]) -> np.ndarr
 def evaluate(cases: Sequence[CachedCase], scheme: Any, values: Mapping[str, Any], *, challenge: str | None,
              lesion: bool = True) -> dict[str, float]:
     """Mean metrics over ``cases``: ``dice_<R>`` always; lesion-wise ones when ``lesion`` and ``challenge``."""
-    from bratstune.validate import region_dice
+    from bratstune.training.validate import region_dice
 
     per: dict[str, list[float]] = {}
     for case in cases:
@@ -299,7 +299,7 @@ def search_thresholds(spec: ThresholdSpec, cases: Sequence[CachedCase], scheme: 
     """
     import optuna
 
-    from bratstune.search_space import make_sampler
+    from bratstune.search.space import make_sampler
 
     if not cases:
         raise DataError(None, "threshold search needs at least one labelled validation case")
@@ -359,8 +359,8 @@ def log_outcome(outcome: ThresholdOutcome, spec: ThresholdSpec, *, client: Any, 
     import yaml
     from mlflow.entities import Metric
 
-    from bratstune.search_results import save_plots, write_csv
-    from bratstune.tracking import run_tags
+    from bratstune.search.results import save_plots, write_csv
+    from bratstune.tracking.runs import run_tags
 
     extra = {"bratstune.kind": "threshold_search", "model.source": str(model_source)}
     if parent_run_id:
@@ -407,7 +407,7 @@ def log_outcome(outcome: ThresholdOutcome, spec: ThresholdSpec, *, client: Any, 
 def _inference_settings(config: Any, device: str = "cpu") -> Any:
     import torch
 
-    from bratstune.validate import InferenceSettings
+    from bratstune.training.validate import InferenceSettings
 
     v = config.validation
     return InferenceSettings(roi_size=tuple(v.roi_size or config.data.patch_size), overlap=v.overlap,
@@ -417,7 +417,7 @@ def _inference_settings(config: Any, device: str = "cpu") -> Any:
 
 def quick_model(cases: Sequence[Any], scheme: Any, out_dir: Path) -> Path:
     """Train a tiny model for one epoch (``--smoke-test`` without ``--model``); returns its best/ folder."""
-    from bratstune.train import TrainData, fit
+    from bratstune.training.fit import TrainData, fit
 
     config = {"model": {"name": "unet", "kwargs": {"filters": [8, 16, 32, 64]}}, "epochs": 1, "steps_per_epoch": 3,
               "data": {"patch_size": 32, "num_workers": 0}, "validation": {"lesion_metrics": False},
@@ -454,7 +454,7 @@ def run_threshold_search(
 
     from mlflow.tracking import MlflowClient
 
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     prepared = prepare_cohort(Path(data), preprocess_config(spec.data.preprocess), workers=workers)
     split = split_train_val(prepared.cases, prepared.scheme, val_fraction=spec.data.val_fraction,

@@ -10,7 +10,7 @@
   package versions, hardware and the data fingerprint; the run ends FINISHED on success or on
   ``SystemExit`` (how Ray Tune stops a trial), KILLED on ``KeyboardInterrupt``, FAILED otherwise.
 * :func:`log_config`: nested config → flat ``a.b.c`` params, plus the YAML as an artifact.
-* :class:`MlflowReporter`: an ``EpochReport`` callback for :func:`bratstune.train.fit` that logs
+* :class:`MlflowReporter`: an ``EpochReport`` callback for :func:`bratstune.training.fit.fit` that logs
   per-epoch metrics and the best checkpoint.
 
 Nothing here runs at import: MLflow is imported inside the functions.
@@ -38,7 +38,7 @@ from bratstune.config_utils import to_dict
 if TYPE_CHECKING:
     import mlflow
 
-    from bratstune.train import EpochReport
+    from bratstune.training.fit import EpochReport
 
 logger = logging.getLogger(__name__)
 

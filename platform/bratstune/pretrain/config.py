@@ -1,4 +1,4 @@
-"""Typed configuration of MAE pre-training (:func:`bratstune.pretrain.run_mae`).
+"""Typed configuration of MAE pre-training (:func:`bratstune.pretrain.run.run_mae`).
 
 The YAML shape (every key optional; defaults match the ``unetr`` preset's ViT, so the
 exported encoder loads one-to-one into ``build_model("unetr", ...)`` with 48^3 patches)::

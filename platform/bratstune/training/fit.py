@@ -8,12 +8,12 @@ a per-epoch :class:`EpochReport` to ``reporter`` (Ray Tune, MLflow, a test ...):
                  reporter=print, out_dir=Path("run"))
     result.best_metrics["val/dice_mean"]
 
-Pieces (each in its own module): :mod:`bratstune.train_config` (the typed config),
-:mod:`bratstune.network` (network from the config, init weights, frozen groups),
-:mod:`bratstune.loader` (background patch loading), :mod:`bratstune.schedules` (optimiser +
-lr schedule), :mod:`bratstune.checkpoint` (resumable state, RNGs),
-:mod:`bratstune.validate` (sliding window + metrics), :mod:`bratstune.device` (device, AMP
-dtype, threads); :mod:`bratstune.train_data` turns a cohort folder into :class:`TrainData`.
+Pieces (each in its own module): :mod:`bratstune.training.config` (the typed config),
+:mod:`bratstune.training.network` (network from the config, init weights, frozen groups),
+:mod:`bratstune.training.loader` (background patch loading), :mod:`bratstune.training.schedules` (optimiser +
+lr schedule), :mod:`bratstune.training.checkpoint` (resumable state, RNGs),
+:mod:`bratstune.training.validate` (sliding window + metrics), :mod:`bratstune.device` (device, AMP
+dtype, threads); :mod:`bratstune.data.cohort` turns a cohort folder into :class:`TrainData`.
 
 Output folder (``out_dir``)::
 
@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from bratstune.checkpoint import TrainState, load_model_weights, load_state, restore_best, save_best, save_state
+from bratstune.training.checkpoint import TrainState, load_model_weights, load_state, restore_best, save_best, save_state
 from bratstune.device import (
     amp_dtype,
     configure_threads,
@@ -50,11 +50,11 @@ from bratstune.device import (
     select_device,
 )
 from bratstune.errors import BratstuneError, DataError
-from bratstune.loader import build_train_loader
-from bratstune.network import build_network, load_network, output_channels, prepare_network, resolve_config
-from bratstune.schedules import build_optimizer, build_scheduler
-from bratstune.train_config import TrainConfig, load_train_config
-from bratstune.validate import InferenceSettings, validate
+from bratstune.training.loader import build_train_loader
+from bratstune.training.network import build_network, load_network, output_channels, prepare_network, resolve_config
+from bratstune.training.schedules import build_optimizer, build_scheduler
+from bratstune.training.config import TrainConfig, load_train_config
+from bratstune.training.validate import InferenceSettings, validate
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _build_loss(config: TrainConfig) -> torch.nn.Module:
-    from bratstune.losses import CompoundLoss
+    from bratstune.training.losses import CompoundLoss
 
     return CompoundLoss(
         dict(config.loss.weights),
@@ -196,10 +196,10 @@ def compute_loss(loss_fn: torch.nn.Module, output: Any, target: torch.Tensor, *,
     """Loss of the main output, or the deep-supervision weighted sum over the heads.
 
     Deep-supervision outputs (DynUNet's ``(B, S, C, ...)`` or a list of heads) go through
-    ``bratstune.losses.deep_supervision_loss`` (weights 1, 1/2, 1/4, ... normalised); with
+    ``bratstune.training.losses.deep_supervision_loss`` (weights 1, 1/2, 1/4, ... normalised); with
     ``deep_supervision=False`` only the full-resolution head is used.
     """
-    from bratstune.losses import deep_supervision_loss
+    from bratstune.training.losses import deep_supervision_loss
 
     heads = _heads(output)
     if len(heads) == 1 or not deep_supervision:

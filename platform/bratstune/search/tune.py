@@ -1,4 +1,4 @@
-"""Hyper-parameter search: one Ray Tune trial = one :func:`bratstune.train.fit`.
+"""Hyper-parameter search: one Ray Tune trial = one :func:`bratstune.training.fit.fit`.
 
 ::
 
@@ -19,8 +19,8 @@ Pieces, all in plain sight of :func:`run_search`:
 * **MLflow**: the driver owns one parent run per search (space file, resolved space, seed, data
   fingerprint, git commit); each trial owns a child run (``mlflow.parentRunId``) holding its config
   as params, per-epoch metrics, its best checkpoint and a ``stop_reason`` tag. A driver-side
-  :class:`bratstune.search_callback.TrialRunCallback` closes runs a stopped or crashed trial left open. At the end the parent
-  gets the best config, ``results.csv`` and plots (``bratstune.search_results``).
+  :class:`bratstune.search.callback.TrialRunCallback` closes runs a stopped or crashed trial left open. At the end the parent
+  gets the best config, ``results.csv`` and plots (``bratstune.search.results``).
 * **Resume** (``resume=True``): ``Tuner.restore(path, resume_errored=True)`` continues an
   interrupted search; finished trials are kept, unfinished ones continue from their last
   checkpoint, and the parent MLflow run is reopened. Crashed trials are retried
@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from bratstune import paths
 from bratstune.errors import ConfigError
-from bratstune.search_space import SearchSpec, apply_values
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.search.space import SearchSpec, apply_values
+from bratstune.training.config import TrainConfig, load_train_config
 
 if TYPE_CHECKING:
     from ray import tune
 
-    from bratstune.train import EpochReport, TrainData
+    from bratstune.training.fit import EpochReport, TrainData
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ META_FILE = "bratstune_search.json"
 
 @dataclass
 class DataHandle:
-    """What a trial needs to rebuild its :class:`~bratstune.train.TrainData` without decoding NIfTI.
+    """What a trial needs to rebuild its :class:`~bratstune.training.fit.TrainData` without decoding NIfTI.
 
     Attributes:
         root: the cohort folder.
@@ -99,7 +99,7 @@ class DataHandle:
 
     def load(self) -> TrainData:
         """The trial's TrainData: memory maps from the cache (or the shipped arrays)."""
-        from bratstune.train import TrainData
+        from bratstune.training.fit import TrainData
 
         if self.arrays is not None:
             return TrainData(train=list(self.arrays[0]), val=list(self.arrays[1]), scheme=self.scheme)
@@ -126,11 +126,11 @@ def prepare_data(
 
     The preprocessing is the base config's ``data.preprocess`` updated with the space's
     ``data.preprocess``; the split holds out ``data.val_fraction`` of the cases, stratified by
-    tumour volume (``bratstune.train_data.split_train_val``, seed ``data.split_seed``).
+    tumour volume (``bratstune.data.cohort.split_train_val``, seed ``data.split_seed``).
     """
     from bratstune.data.cache import CaseCache
     from bratstune.data.layout import discover
-    from bratstune.train_data import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     root = Path(root).resolve()
     cache = CaseCache(cache_root)
@@ -227,8 +227,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from bratstune.search_callback import STOP_TAG, TRIAL_TAG, find_trial_run
-    from bratstune.tracking import MlflowReporter, log_config, run_tags
+    from bratstune.search.callback import STOP_TAG, TRIAL_TAG, find_trial_run
+    from bratstune.tracking.runs import MlflowReporter, log_config, run_tags
 
     train_config = load_train_config(apply_values(ctx.base, config))
     if train_config.num_threads is None:
@@ -271,7 +271,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     fit = ctx.fit_fn
     if fit is None:
-        from bratstune.train import fit
+        from bratstune.training.fit import fit
     data = ctx.data.load()
     status = "FINISHED"
     try:
@@ -312,7 +312,7 @@ def build_tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from bratstune.search_space import make_sampler
+    from bratstune.search.space import make_sampler
 
     searcher = OptunaSearch(space=spec.define_by_run, metric=spec.metric, mode=spec.mode,
                             sampler=make_sampler(spec, algorithm=algorithm))
@@ -325,7 +325,7 @@ def build_tuner(
         sched = FIFOScheduler()
     else:
         raise ConfigError(f"unknown scheduler '{kind}'; expected 'asha' or 'fifo'")
-    from bratstune.search_callback import TrialRunCallback
+    from bratstune.search.callback import TrialRunCallback
 
     callback = TrialRunCallback(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.max_t, kind)
     return tune.Tuner(
@@ -451,7 +451,7 @@ def run_search(
         experiment, tracking_uri, experiment_id: MLflow experiment (set up here unless
             ``experiment_id`` is given, i.e. the job already called ``tracking.setup_mlflow``).
         algorithm, scheduler: override the space's sampler / scheduler (benchmarks).
-        fit_fn: replaces :func:`bratstune.train.fit` (same signature), e.g. for fault injection.
+        fit_fn: replaces :func:`bratstune.training.fit.fit` (same signature), e.g. for fault injection.
         verbose: Tune's console verbosity (0-3).
 
     Returns:
@@ -460,8 +460,8 @@ def run_search(
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from bratstune import tracking
-    from bratstune.search_results import finish_parent_run
+    from bratstune.tracking import runs as tracking
+    from bratstune.search.results import finish_parent_run
 
     tracking_uri = tracking_uri or tracking.tracking_uri()
     if experiment_id is None:
@@ -520,7 +520,7 @@ def _start_parent(client: Any, spec: SearchSpec, data: DataHandle, experiment_id
                   algorithm: str | None, scheduler: str | None) -> str:
     import yaml
 
-    from bratstune.tracking import run_tags
+    from bratstune.tracking.runs import run_tags
 
     tags = run_tags(data_fingerprint=data.fingerprint, extra={
         "search.experiment": name, "search.space": spec.name, "search.storage": path, "bratstune.kind": "search",
@@ -579,7 +579,7 @@ def demo_search(space: str | Path, data: str | Path, *, num_samples: int = 6, ep
 
     Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``).
     """
-    from bratstune.search_space import demo_variant, load_search_space
+    from bratstune.search.space import demo_variant, load_search_space
 
     spec = demo_variant(load_search_space(space), num_samples=num_samples, epochs=epochs)
     return run_search(spec, prepare_data(spec, data), storage_path=storage_path, verbose=verbose)

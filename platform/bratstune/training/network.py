@@ -1,4 +1,4 @@
-"""The network of a :class:`~bratstune.train_config.TrainConfig`: build, initialise, reload.
+"""The network of a :class:`~bratstune.training.config.TrainConfig`: build, initialise, reload.
 
 * :func:`resolve_config` completes ``model.kwargs`` with the training ``patch_size``, so the
   saved config rebuilds exactly the trained network.
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from bratstune.checkpoint import load_model_weights
-from bratstune.train_config import TrainConfig, load_train_config
+from bratstune.training.checkpoint import load_model_weights
+from bratstune.training.config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def build_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> 
 def load_init_weights(model: torch.nn.Module, path: Path | str, *, strip_prefix: str = "") -> int:
     """Load every tensor of ``path`` whose (prefix-stripped) name and shape match ``model``.
 
-    Thin wrapper over :func:`bratstune.encoder_init.load_encoder_weights` (which also takes
+    Thin wrapper over :func:`bratstune.models.encoder_init.load_encoder_weights` (which also takes
     ``models:/...``, ``runs:/...`` and run ids, interpolates position embeddings and returns a
     full report). Returns the number of tensors initialised.
 
     Raises:
         DataError: missing file, or no tensor matches.
     """
-    from bratstune.encoder_init import load_encoder_weights
+    from bratstune.models.encoder_init import load_encoder_weights
 
     report = load_encoder_weights(model, path, strip_prefix=strip_prefix)
     return len(report.initialised)
@@ -65,13 +65,13 @@ def load_init_weights(model: torch.nn.Module, path: Path | str, *, strip_prefix:
 def prepare_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> torch.nn.Module:
     """Build the network, load ``init.encoder_from`` and freeze the ``freeze`` groups.
 
-    With ``init.encoder_from`` the :class:`~bratstune.encoder_init.EncoderInitReport` (which
+    With ``init.encoder_from`` the :class:`~bratstune.models.encoder_init.EncoderInitReport` (which
     tensors were loaded, interpolated, mismatched, missing) is logged and attached to the
     returned model as ``model.bratstune_init_report``.
     """
     model = build_network(config, scheme, in_channels=in_channels)
     if config.init.encoder_from is not None:
-        from bratstune.encoder_init import load_encoder_weights
+        from bratstune.models.encoder_init import load_encoder_weights
 
         report = load_encoder_weights(
             model, config.init.encoder_from, strip_prefix=config.init.strip_prefix,

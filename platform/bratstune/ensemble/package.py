@@ -4,9 +4,9 @@ An :class:`Ensemble` is everything needed to turn a case's raw NIfTI into a labe
 challenge's scheme, with nothing left to remember at prediction time:
 
 * member networks (fold models, or the top-N trials of a search) with their training configs;
-* the inference recipe (:class:`bratstune.inference.InferenceConfig`: sliding window, overlap,
+* the inference recipe (:class:`bratstune.inference.sliding_window.InferenceConfig`: sliding window, overlap,
   Gaussian blending, test-time flips / rotations), mean of probabilities;
-* per-region thresholds, post-processing (:class:`bratstune.postprocess.PostprocessConfig`),
+* per-region thresholds, post-processing (:class:`bratstune.inference.postprocess.PostprocessConfig`),
   the label scheme, the required modalities and the preprocessing config;
 * the training data's fingerprint (drift check), lineage (search / CV run ids, data
   fingerprint, git commit) and validation metrics.
@@ -43,7 +43,7 @@ import torch
 from bratstune.config_utils import to_dict
 from bratstune.data.cache import file_digest
 from bratstune.errors import ConfigError, DataError
-from bratstune.inference import InferenceConfig, ensemble_probabilities, probabilities_on_grid
+from bratstune.inference.sliding_window import InferenceConfig, ensemble_probabilities, probabilities_on_grid
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Member:
 
     Attributes:
         name: short identifier (fold name, trial id, folder name).
-        config: the resolved :class:`bratstune.train_config.TrainConfig` it was trained with.
+        config: the resolved :class:`bratstune.training.config.TrainConfig` it was trained with.
         model: the network (CPU, eval mode).
         metrics: its validation metrics (``val/...``), if known.
     """
@@ -144,7 +144,7 @@ class Member:
     @classmethod
     def from_folder(cls, folder: Path | str, scheme: Any, *, in_channels: int = 4, name: str | None = None) -> Member:
         """A ``fit`` best-model folder (``model.pt`` + ``config.yaml`` + ``metrics.json``)."""
-        from bratstune.network import load_network
+        from bratstune.training.network import load_network
 
         folder = Path(folder)
         if not (folder / "config.yaml").is_file():
@@ -158,7 +158,7 @@ class Member:
 
     @classmethod
     def from_fit(cls, result: Any, *, name: str) -> Member:
-        """A :class:`bratstune.train.FitResult` (its model holds the best weights)."""
+        """A :class:`bratstune.training.fit.FitResult` (its model holds the best weights)."""
         metrics = {k: float(v) for k, v in dict(result.best_metrics).items() if isinstance(v, (int, float))}
         return cls(name, result.config, result.model.cpu().eval(), metrics)
 
@@ -236,7 +236,7 @@ class Ensemble:
             inference: sliding-window / TTA settings.
             thresholds: per-region thresholds (region mode); one float for all; default 0.5.
             postprocess: ``PostprocessConfig`` or mapping; default none (no dust removal, holes kept).
-            training_fingerprint: :func:`bratstune.drift.training_fingerprint` of the training data.
+            training_fingerprint: :func:`bratstune.predict.drift.training_fingerprint` of the training data.
             lineage: search / CV run ids, data fingerprint, git commit ... (strings).
             metrics: validation metrics of the ensemble (e.g. ``val/dice_mean``).
             reference: ``HistogramReference`` when the preprocessing matches histograms.
@@ -246,8 +246,8 @@ class Ensemble:
         """
         from bratstune.data.layout import MODALITIES
         from bratstune.labels import get_scheme
-        from bratstune.postprocess import PostprocessConfig
-        from bratstune.train_data import preprocess_config
+        from bratstune.inference.postprocess import PostprocessConfig
+        from bratstune.data.cohort import preprocess_config
 
         scheme = get_scheme(scheme)
         modalities = tuple(modalities or MODALITIES)
@@ -344,8 +344,8 @@ class Ensemble:
     def decode(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities on the input grid ``(K, X, Y, Z)`` -> post-processed uint8 labels."""
         from bratstune.labels import regions_to_labels
-        from bratstune.postprocess import postprocess
-        from bratstune.validate import classes_to_labels
+        from bratstune.inference.postprocess import postprocess
+        from bratstune.training.validate import classes_to_labels
 
         if self.mode == "region":
             labels = regions_to_labels(probs, self.scheme, self.thresholds)
@@ -433,10 +433,10 @@ class Ensemble:
 
         from bratstune.data.preprocess import HistogramReference
         from bratstune.labels import get_scheme
-        from bratstune.network import build_network
-        from bratstune.postprocess import PostprocessConfig
-        from bratstune.train_config import load_train_config
-        from bratstune.train_data import preprocess_config
+        from bratstune.training.network import build_network
+        from bratstune.inference.postprocess import PostprocessConfig
+        from bratstune.training.config import load_train_config
+        from bratstune.data.cohort import preprocess_config
 
         folder = Path(folder)
         if not (folder / ENSEMBLE_FILE).is_file():

@@ -1,7 +1,7 @@
 """MLflow packaging, registration and promotion of ensembles.
 
 * :class:`EnsembleModel`: the MLflow ``pyfunc`` wrapper. Its only artifact is the ensemble
-  folder of :meth:`bratstune.ensemble.Ensemble.save` (safetensors weights + JSON + SHA-256
+  folder of :meth:`bratstune.ensemble.package.Ensemble.save` (safetensors weights + JSON + SHA-256
   manifest, checked when the model loads); the ``bratstune`` package travels as ``code_paths``,
   so ``mlflow.pyfunc.load_model("models:/bratstune-gli@champion")`` works in a fresh process.
 * :func:`register_ensemble`: log the pyfunc model in the active run and register a new version of
@@ -71,10 +71,10 @@ class PromotionError(BratstuneError):
 # No type hints on ``predict``: MLflow would build an input schema from them, which neither a raw
 # volume array nor a table of file paths fits (MLflow logs a harmless warning about it).
 class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """``pyfunc`` wrapper around :class:`bratstune.ensemble.Ensemble` (see the module docstring)."""
+    """``pyfunc`` wrapper around :class:`bratstune.ensemble.package.Ensemble` (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
-        from bratstune.ensemble import Ensemble
+        from bratstune.ensemble.package import Ensemble
 
         self.ensemble = Ensemble.load(context.artifacts[ARTIFACT_KEY])
 
@@ -96,7 +96,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         import numpy as np
 
         from bratstune.data.preprocess import preprocess_arrays
-        from bratstune.inference import probabilities_on_grid
+        from bratstune.inference.sliding_window import probabilities_on_grid
 
         ens = self.ensemble
         image = np.asarray(image, dtype=np.float32)
@@ -112,7 +112,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         from bratstune.data.layout import Case
         from bratstune.data.nifti import load_case, write_nifti_atomic
-        from bratstune.predict_report import region_stats
+        from bratstune.predict.report import region_stats
 
         ens = self.ensemble
         missing = [m for m in ens.modalities if m not in frame.columns]
@@ -141,7 +141,7 @@ def default_model_name(challenge: str | None) -> str:
 
 
 def _requirements() -> list[str]:
-    from bratstune.tracking import package_versions
+    from bratstune.tracking.runs import package_versions
 
     versions = package_versions(REQUIREMENTS)
     return [f"{name}=={versions[name]}" if name in versions else name for name in REQUIREMENTS]
@@ -158,7 +158,7 @@ def register_ensemble(
     """Log ``ensemble`` as a pyfunc model in the active MLflow run and register a new version.
 
     Args:
-        ensemble: a :class:`bratstune.ensemble.Ensemble`.
+        ensemble: a :class:`bratstune.ensemble.package.Ensemble`.
         name: registered model name (one per challenge, e.g. ``bratstune-gli``).
         metric: the validation metric promotion compares (must be in ``ensemble.metrics``).
         tags: extra version tags.
@@ -180,7 +180,7 @@ def register_ensemble(
                           "promotion needs the validation metric it compares")
     run = mlflow.active_run()
     if run is None:
-        raise ConfigError("register_ensemble needs an active MLflow run (use bratstune.tracking.start_run)")
+        raise ConfigError("register_ensemble needs an active MLflow run (use bratstune.tracking.runs.start_run)")
     with tempfile.TemporaryDirectory(prefix="bratstune-ensemble-") as tmp:
         folder = ensemble.save(Path(tmp) / "ensemble")
         code = Path(tmp) / "code" / "bratstune"
@@ -399,7 +399,7 @@ def load_ensemble(source: str | Path, *, dst: Path | None = None) -> LoadedEnsem
         IntegrityError: a weight or config file does not match the manifest.
         DataError: the source cannot be resolved or is not an ensemble.
     """
-    from bratstune.ensemble import ENSEMBLE_FILE, Ensemble
+    from bratstune.ensemble.package import ENSEMBLE_FILE, Ensemble
 
     text = str(source)
     local = Path(text).expanduser()
@@ -426,7 +426,7 @@ def resolve_member_source(source: str | Path, *, dst: Path | None = None) -> Pat
     """A trained model folder from a folder, a 32-hex MLflow run id or a ``runs:/`` URI.
 
     Run ids resolve to the run's ``best_model`` artifact (what ``bratstune train``, search trials
-    and :class:`bratstune.tracking.MlflowReporter` log).
+    and :class:`bratstune.tracking.runs.MlflowReporter` log).
     """
     import re
 

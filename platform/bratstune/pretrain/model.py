@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bratstune.pretrain_config import MaeModelConfig
+from bratstune.pretrain.config import MaeModelConfig
 
 __all__ = [
     "ENCODER_FORMAT",
@@ -80,7 +80,7 @@ class MaskedAutoencoder3D(nn.Module):
     """MAE over ``(B, C, X, Y, Z)`` volumes of exactly ``config.img_size``.
 
     Args:
-        config: :class:`~bratstune.pretrain_config.MaeModelConfig`.
+        config: :class:`~bratstune.pretrain.config.MaeModelConfig`.
 
     ``forward(images, noise=None)`` returns ``(pred, mask)``: ``pred`` ``(B, N, P)`` patch
     predictions for every token (only the masked ones enter the loss) and ``mask`` ``(B, N)``

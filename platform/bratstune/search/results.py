@@ -28,8 +28,8 @@ import yaml
 if TYPE_CHECKING:
     import optuna
 
-    from bratstune.search import SearchOutcome
-    from bratstune.search_space import ParamSpec, SearchSpec
+    from bratstune.search.tune import SearchOutcome
+    from bratstune.search.space import ParamSpec, SearchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
 def finish_parent_run(client: Any, spec: SearchSpec, grid: Any, outcome: SearchOutcome,
                       *, output_dir: Path | None = None) -> SearchOutcome:
     """Fill ``outcome`` from ``grid`` and log table, best config and plots to the parent run."""
-    from bratstune.search_callback import find_trial_run
+    from bratstune.search.callback import find_trial_run
 
     run_id = outcome.parent_run_id
     rows = results_table(grid, spec)

@@ -1,4 +1,4 @@
-"""Background loading of training batches for :func:`bratstune.train.fit`.
+"""Background loading of training batches for :func:`bratstune.training.fit.fit`.
 
 The whole run is **one** DataLoader iterator over ``(epoch, i)`` keys, so the worker processes
 live for the whole run (what ``persistent_workers`` gives, without re-creating iterators at
@@ -10,7 +10,7 @@ for any number of workers and a resumed run sees exactly the batches it would ha
 Each item is ``{"image": float32 (C, P, P, P), "target": ...}`` where the target is built in
 the worker from the patch's labels: region mode ``labels.labels_to_regions`` → bool
 ``(R, P, P, P)``; label mode → int64 class indices ``(1, P, P, P)`` (see
-:func:`bratstune.validate.labels_to_classes`).
+:func:`bratstune.training.validate.labels_to_classes`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bratstune.train_config import TrainConfig
-from bratstune.validate import labels_to_classes
+from bratstune.training.config import TrainConfig
+from bratstune.training.validate import labels_to_classes
 
 logger = logging.getLogger(__name__)
 

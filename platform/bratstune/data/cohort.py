@@ -1,6 +1,6 @@
-"""From a cohort folder to :class:`bratstune.train.TrainData`: discover, cache, split.
+"""From a cohort folder to :class:`bratstune.training.fit.TrainData`: discover, cache, split.
 
-Shared by ``bratstune train`` and the jobs that call :func:`bratstune.train.fit` on a folder::
+Shared by ``bratstune train`` and the jobs that call :func:`bratstune.training.fit.fit` on a folder::
 
     prepared = prepare_cohort(Path("data/GLI"), PreprocessConfig(), workers=2)
     data = split_train_val(prepared, val_fraction=0.2, seed=0)
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bratstune.errors import ConfigError, DataError
-from bratstune.train import TrainData
+from bratstune.training.fit import TrainData
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def prepare_cohort(
     """
     from bratstune.data.cache import CaseCache
     from bratstune.data.layout import default_scheme, discover
-    from bratstune.tracking import data_fingerprint
+    from bratstune.tracking.runs import data_fingerprint
 
     cohort = discover(root)
     labelled = [c for c in cohort.cases if c.label is not None]

@@ -22,7 +22,7 @@
   resumed driver reopens the same MLflow run.
 * After ``fit`` the driver logs the per-epoch history (rank 0's), the effective batch size
   and learning-rate scaling, the encoder (``encoder/encoder.pt``), a reconstruction PNG, and
-  registers the encoder (:mod:`bratstune.pretrain_export`).
+  registers the encoder (:mod:`bratstune.pretrain.export`).
 
 ``ddp/params_in_sync`` (every epoch) is 1 when every worker's parameters hash identically;
 with ``param_digest_dir`` each worker also writes ``rank<r>-step<s>.json`` (parameter and
@@ -45,8 +45,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from bratstune.pretrain_config import PretrainConfig, load_pretrain_config
-from bratstune.pretrain_model import (
+from bratstune.pretrain.config import PretrainConfig, load_pretrain_config
+from bratstune.pretrain.model import (
     MaskedAutoencoder3D,
     mae_loss,
     parameter_digest,
@@ -162,7 +162,7 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     import ray.train.torch
 
     from bratstune.device import configure_threads
-    from bratstune.pretrain_data import CropSampler, load_images
+    from bratstune.pretrain.data import CropSampler, load_images
 
     config = load_pretrain_config(loop_config["config"])
     context = ray.train.get_context()
@@ -263,7 +263,7 @@ def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
     """The MLflow run of this Ray Train run: reopened when the run folder remembers one."""
     import mlflow
 
-    from bratstune.tracking import run_tags
+    from bratstune.tracking.runs import run_tags
 
     marker = run_dir / DRIVER_DIR / RUN_ID_FILE
     if marker.is_file():
@@ -274,7 +274,7 @@ def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
         except Exception:  # noqa: BLE001 - a different tracking store: start a new run
             logger.warning("MLflow run %s of %s not found in this store; starting a new run", run_id, run_dir)
     if experiment_id is None:
-        from bratstune.tracking import setup_mlflow
+        from bratstune.tracking.runs import setup_mlflow
 
         experiment_id = setup_mlflow("bratstune-pretrain")
     run = mlflow.tracking.MlflowClient().create_run(
@@ -320,7 +320,7 @@ def run_mae(
     """Pre-train the MAE on ``folders`` with ``workers`` DDP workers (see the module docstring).
 
     Needs a running Ray (``ray.init`` in the caller) and, with ``track``, MLflow set up by
-    :func:`bratstune.tracking.setup_mlflow` in this process. Calling it again with the same
+    :func:`bratstune.tracking.runs.setup_mlflow` in this process. Calling it again with the same
     ``storage_path`` and ``name`` resumes the run from its last checkpoint.
 
     Raises:
@@ -332,7 +332,7 @@ def run_mae(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from bratstune import paths
-    from bratstune.pretrain_data import collect_cases, prepare_volumes
+    from bratstune.pretrain.data import collect_cases, prepare_volumes
 
     config = load_pretrain_config(config)
     if int(workers) < 1:
@@ -364,7 +364,7 @@ def run_mae(
     if track:
         import mlflow
 
-        from bratstune.tracking import data_fingerprint, log_config
+        from bratstune.tracking.runs import data_fingerprint, log_config
 
         run_id = _run_id_for(run_dir, experiment_id, name)
         mlflow.tracking.MlflowClient().set_tag(run_id, "data_fingerprint",
@@ -424,7 +424,7 @@ def _finish(
     checkpoint_path: str | None,
 ) -> PretrainResult:
     """Export the encoder, draw the reconstruction, log everything to MLflow, register."""
-    from bratstune.pretrain_export import reconstruction_figure, register_encoder, save_encoder
+    from bratstune.pretrain.export import reconstruction_figure, register_encoder, save_encoder
 
     history = [dict(row) for row in payload["history"]]
     starts = [int(s) for s in payload["starts"]]
@@ -437,7 +437,7 @@ def _finish(
     if run_id is not None:
         import mlflow
 
-        from bratstune.tracking import start_run
+        from bratstune.tracking.runs import start_run
 
         _log_history(run_id, history)
         with start_run(run_id=run_id):

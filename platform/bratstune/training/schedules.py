@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch.optim import lr_scheduler
 
-from bratstune.train_config import OptimConfig
+from bratstune.training.config import OptimConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from bratstune.pretrain_model import (
+from bratstune.pretrain.model import (
     MaskedAutoencoder3D,
     encoder_meta,
     encoder_state_dict,

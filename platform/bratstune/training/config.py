@@ -1,4 +1,4 @@
-"""Typed configuration of one training run (:func:`bratstune.train.fit`).
+"""Typed configuration of one training run (:func:`bratstune.training.fit.fit`).
 
 The YAML shape (shared with the presets in ``bratstune/presets/*.yaml``)::
 
@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``bratstune.losses.CompoundLoss(weights, mode=mode, alpha=, beta=, gamma=)``.
+    """``bratstune.training.losses.CompoundLoss(weights, mode=mode, alpha=, beta=, gamma=)``.
 
     Args:
         weights: term name -> weight, e.g. ``{dice: 1.0, ce: 1.0}``.
@@ -230,7 +230,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """Weight initialisation before training (:mod:`bratstune.encoder_init`).
+    """Weight initialisation before training (:mod:`bratstune.models.encoder_init`).
 
     Args:
         encoder_from: where the weights come from: ``models:/bratstune-mae-encoder@latest``
@@ -257,7 +257,7 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything :func:`bratstune.train.fit` needs besides the data.
+    """Everything :func:`bratstune.training.fit.fit` needs besides the data.
 
     Args:
         model, loss, optim, data, validation, init: the sections above.
@@ -271,7 +271,7 @@ class TrainConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
         challenge: BraTS challenge (``GLI``, ``PED``, ...) whose lesion-wise rules validation
             applies; ``null`` = from the data's naming (``bratstune train``), GLI's rules in
-            :func:`~bratstune.train.fit`. The label scheme always comes from the data.
+            :func:`~bratstune.training.fit.fit`. The label scheme always comes from the data.
         checkpoint_every: write a resumable checkpoint every n epochs (and after the last).
     """
 

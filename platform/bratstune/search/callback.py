@@ -1,6 +1,6 @@
 """Driver-side Ray Tune callback that closes each trial's MLflow child run with its stop reason.
 
-Kept apart from :mod:`bratstune.search` because it subclasses ``ray.tune.Callback`` at import
+Kept apart from :mod:`bratstune.search.tune` because it subclasses ``ray.tune.Callback`` at import
 time (Tune pickles callbacks into the experiment state, so the class must live at module level).
 """
 from __future__ import annotations
