@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bratstune.data.fingerprint import data_fingerprint
 from bratstune.tracking import runs as tracking
 from bratstune.training.fit import EpochReport
 from bratstune.training.config import load_train_config
@@ -29,9 +30,9 @@ def test_flatten_nested_config():
 
 
 def test_data_fingerprint_is_order_free_and_config_sensitive():
-    a = tracking.data_fingerprint(["b", "a"], {"normalize": "zscore"})
-    assert a == tracking.data_fingerprint(["a", "b"], {"normalize": "zscore"})
-    assert a != tracking.data_fingerprint(["a", "b"], {"normalize": "none"})
+    a = data_fingerprint(["b", "a"], {"normalize": "zscore"})
+    assert a == data_fingerprint(["a", "b"], {"normalize": "zscore"})
+    assert a != data_fingerprint(["a", "b"], {"normalize": "none"})
     assert len(a) == 16
 
 

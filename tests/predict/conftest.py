@@ -17,7 +17,7 @@ def trained_ensemble(tmp_path_factory) -> Path:
     from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig
     from bratstune.data.synthetic import generate_cohort
-    from bratstune.predict.drift import training_fingerprint
+    from bratstune.data.fingerprint import training_fingerprint
     from bratstune.ensemble.package import Ensemble
     from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for

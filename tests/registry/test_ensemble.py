@@ -119,7 +119,8 @@ def test_from_members_validates():
 
 
 def test_drift_flags():
-    from bratstune.predict.drift import check_drift, training_fingerprint
+    from bratstune.data.fingerprint import training_fingerprint
+    from bratstune.predict.drift import check_drift
 
     def fp(scale=1.0, orientation=("R", "A", "S"), spacing=(1.0, 1.0, 1.0)):
         return {"shape": [240, 240, 155], "spacing": list(spacing), "orientation": list(orientation),

@@ -89,7 +89,7 @@ def _smoke_members(tmp: Path) -> tuple[list[Path], Path]:
 
 def build(args: argparse.Namespace, workdir: Path) -> Any:
     """The :class:`Ensemble` described by the arguments (members fetched into ``workdir``)."""
-    from bratstune.predict.drift import training_fingerprint
+    from bratstune.data.fingerprint import training_fingerprint
     from bratstune.ensemble.package import Ensemble, Member
     from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import get_scheme, scheme_for

@@ -1,4 +1,4 @@
-"""From a cohort folder to :class:`bratstune.training.fit.TrainData`: discover, cache, split.
+"""From a cohort folder to :class:`TrainData`: discover, cache, split.
 
 Shared by ``bratstune train`` and the jobs that call :func:`bratstune.training.fit.fit` on a folder::
 
@@ -14,12 +14,27 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from bratstune.data.fingerprint import data_fingerprint
 from bratstune.errors import ConfigError, DataError
-from bratstune.training.fit import TrainData
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedCohort", "prepare_cohort", "preprocess_config", "split_train_val"]
+__all__ = ["PreparedCohort", "TrainData", "prepare_cohort", "preprocess_config", "split_train_val"]
+
+
+@dataclass
+class TrainData:
+    """The cases one run trains and validates on.
+
+    Attributes:
+        train: labelled ``PreprocessedCase`` objects (from ``bratstune.data.cache.CaseCache``).
+        val: labelled cases for whole-volume validation (may be empty: no validation metrics).
+        scheme: the ``LabelScheme`` of every label.
+    """
+
+    train: Sequence[Any]
+    val: Sequence[Any]
+    scheme: Any
 
 
 @dataclass
@@ -59,7 +74,6 @@ def prepare_cohort(
     """
     from bratstune.data.cache import CaseCache
     from bratstune.data.layout import default_scheme, discover
-    from bratstune.tracking.runs import data_fingerprint
 
     cohort = discover(root)
     labelled = [c for c in cohort.cases if c.label is not None]

@@ -26,11 +26,12 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from bratstune.data.fingerprint import PERCENTILES
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DriftTolerance", "check_drift", "training_fingerprint"]
+__all__ = ["DriftTolerance", "check_drift"]
 
-PERCENTILES = ("p1", "p50", "p99")
 
 
 @dataclass(frozen=True)
@@ -41,29 +42,6 @@ class DriftTolerance:
     shape_factor: float = 2.0
     intensity_spread: float = 1.0
     min_relative_width: float = 0.5
-
-
-def training_fingerprint(fingerprints: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Summarise per-case fingerprints (from ``PreprocessedCase.fingerprint``) of the training data."""
-    rows = [f for f in fingerprints if f]
-    if not rows:
-        return {}
-    shapes = np.asarray([r["shape"] for r in rows], dtype=float)
-    spacings = np.asarray([r["spacing"] for r in rows], dtype=float)
-    intensity: dict[str, dict[str, dict[str, float]]] = {}
-    for modality in rows[0].get("intensity", {}):
-        per: dict[str, dict[str, float]] = {}
-        for q in PERCENTILES:
-            values = np.asarray([r["intensity"][modality][q] for r in rows if modality in r.get("intensity", {})])
-            per[q] = {"min": float(values.min()), "max": float(values.max()), "median": float(np.median(values))}
-        intensity[modality] = per
-    return {
-        "cases": len(rows),
-        "shape": {"min": shapes.min(axis=0).astype(int).tolist(), "max": shapes.max(axis=0).astype(int).tolist()},
-        "spacing": {"min": spacings.min(axis=0).tolist(), "max": spacings.max(axis=0).tolist()},
-        "orientation": sorted({"".join(r["orientation"]) for r in rows}),
-        "intensity": intensity,
-    }
 
 
 def check_drift(

@@ -364,7 +364,8 @@ def run_mae(
     if track:
         import mlflow
 
-        from bratstune.tracking.runs import data_fingerprint, log_config
+        from bratstune.data.fingerprint import data_fingerprint
+        from bratstune.tracking.runs import log_config
 
         run_id = _run_id_for(run_dir, experiment_id, name)
         mlflow.tracking.MlflowClient().set_tag(run_id, "data_fingerprint",

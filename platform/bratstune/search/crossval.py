@@ -591,7 +591,7 @@ def _build_ensemble(out_dir: Path, k: int, scheme: Any, challenge: str | None, t
                     post: Mapping[str, Any], oof_default: Mapping[str, float], oof_tuned: Mapping[str, float],
                     fold_metrics: Sequence[Mapping[str, float]], prepared: Any, cv_run_id: str,
                     search_run_id: str | None, inference: Any) -> Ensemble:
-    from bratstune.predict.drift import training_fingerprint
+    from bratstune.data.fingerprint import training_fingerprint
     from bratstune.ensemble.package import Ensemble, Member
     from bratstune.tracking.runs import git_commit
 

@@ -46,7 +46,6 @@ __all__ = [
     "ARTIFACT_DIR",
     "DB_FILE",
     "MlflowReporter",
-    "data_fingerprint",
     "flatten",
     "git_commit",
     "log_config",
@@ -165,16 +164,6 @@ def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def data_fingerprint(case_ids: Iterable[str], preprocess: Any = None) -> str:
-    """16-hex-digit hash of the sorted case ids and the preprocessing config."""
-    payload = json.dumps(
-        {"cases": sorted(str(c) for c in case_ids), "preprocess": to_dict(preprocess) if preprocess is not None else None},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def run_tags(*, data_fingerprint: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -49,6 +49,7 @@ from bratstune.device import (
     needs_grad_scaler,
     select_device,
 )
+from bratstune.data.cohort import TrainData
 from bratstune.errors import BratstuneError, DataError
 from bratstune.training.loader import build_train_loader
 from bratstune.training.network import build_network, load_network, output_channels, prepare_network, resolve_config
@@ -78,21 +79,6 @@ Reporter = Callable[["EpochReport"], None]
 
 class TrainingDiverged(BratstuneError):
     """The loss became NaN or infinite (lower ``optim.lr`` or enable ``optim.grad_clip``)."""
-
-
-@dataclass
-class TrainData:
-    """The cases one run trains and validates on.
-
-    Attributes:
-        train: labelled ``PreprocessedCase`` objects (from ``bratstune.data.cache.CaseCache``).
-        val: labelled cases for whole-volume validation (may be empty: no validation metrics).
-        scheme: the ``LabelScheme`` of every label.
-    """
-
-    train: Sequence[Any]
-    val: Sequence[Any]
-    scheme: Any
 
 
 @dataclass(frozen=True)
