@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bratstune.data.augment import AugmentConfig, build_augment
     from bratstune.data.cache import CaseCache
-    from bratstune.data.layout import discover, load_case
+    from bratstune.data.case import load_case
+    from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig, preprocess_case
     from bratstune.data.sampling import PatchDataset
 

@@ -130,7 +130,7 @@ def load_source(source: str | Path, scheme_hint: Any = None, *, member: int = 0,
     Raises:
         DataError: nothing loadable there, or no such member.
     """
-    from bratstune.data.layout import MODALITIES
+    from bratstune.data.case import MODALITIES
     from bratstune.ensemble.package import ENSEMBLE_FILE
     from bratstune.training.network import load_network
     from bratstune.ensemble.registry import load_ensemble, resolve_member_source
@@ -290,7 +290,7 @@ def check_modalities(
     Raises:
         DataError: naming the case's missing file and the ``fill`` option; or a bad ``fill``.
     """
-    from bratstune.data.layout import MODALITIES
+    from bratstune.data.case import MODALITIES
 
     fill = dict(fill or {})
     for missing, how in fill.items():
@@ -322,7 +322,9 @@ def fill_missing(root: Path | str, fill: Mapping[str, str], out: Path | str) -> 
     """
     import nibabel as nib
 
-    from bratstune.data.layout import MODALITIES, discover, write_nifti_atomic
+    from bratstune.data.case import MODALITIES
+    from bratstune.data.layout import discover
+    from bratstune.data.nifti import write_nifti_atomic
 
     root, out = Path(root), Path(out)
     cases = list(discover(root, modalities=()).cases)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bratstune.cli import main
-from bratstune.data.layout import discover, load_case, validate_case
+from bratstune.data.case import load_case, validate_case
+from bratstune.data.layout import discover
 from bratstune.errors import DataError
 
 SHAPE = (8, 9, 10)

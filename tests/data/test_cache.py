@@ -14,6 +14,7 @@ import pytest
 
 from bratstune.data import cache as cache_mod
 from bratstune.data import layout
+from bratstune.data.case import load_case
 from bratstune.data.cache import CaseCache, default_cache_root
 from bratstune.data.preprocess import PreprocessConfig, preprocess_case
 from bratstune.errors import ConfigError
@@ -59,14 +60,14 @@ def _forbid_nifti_decode(monkeypatch):
 
     monkeypatch.setattr(nib, "load", boom)
     monkeypatch.setattr(nib.loadsave, "load", boom)
-    monkeypatch.setattr(layout, "load_case", boom)
+    monkeypatch.setattr(cache_mod, "load_case", boom)
     monkeypatch.setattr(gzip.GzipFile, "__init__", boom)
 
 
 def test_miss_then_hit_without_nifti_decode(cohort, cache, monkeypatch):
     config = PreprocessConfig(margin=1)
     first = cache.load(cohort[0], config)
-    expected = preprocess_case(layout.load_case(cohort[0]), config)
+    expected = preprocess_case(load_case(cohort[0]), config)
     np.testing.assert_array_equal(first.image, expected.image)
     np.testing.assert_array_equal(first.label, expected.label)
     assert first.bbox == expected.bbox and first.original_shape == SHAPE
@@ -117,7 +118,7 @@ def test_loser_of_a_race_keeps_the_winner(cohort, cache):
     winner = cache.load(cohort[0], config)
     key = cache.key(cohort[0], config)
     reference = np.array(winner.image)
-    garbage = preprocess_case(layout.load_case(cohort[1]), config)
+    garbage = preprocess_case(load_case(cohort[1]), config)
     assert cache._store(key, garbage, config) == 0  # the rename loses: nothing replaced
     np.testing.assert_array_equal(CaseCache(cache.root).load(cohort[0], config).image, reference)
     assert not any((cache.root / "tmp").iterdir())
@@ -144,7 +145,7 @@ def test_concurrent_prepare_is_safe(cohort, cache):
     assert all(sorted(p.name for p in e.iterdir()) == ["image.npy", "label.npy", "meta.json"] for e in entries)
     assert not any((cache.root / "tmp").iterdir())
     for case in cohort:
-        expected = preprocess_case(layout.load_case(case), PreprocessConfig())
+        expected = preprocess_case(load_case(case), PreprocessConfig())
         np.testing.assert_array_equal(cache.load(case, PreprocessConfig()).image, expected.image)
 
 

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 
 from bratstune.cli import main
-from bratstune.data.layout import (
-    MODALITIES,
-    Case,
-    default_scheme,
-    discover,
-    load_case,
-    validate_case,
-    write_nifti_atomic,
-)
+from bratstune.data.case import MODALITIES, Case, load_case, validate_case
+from bratstune.data.layout import default_scheme, discover
+from bratstune.data.nifti import write_nifti_atomic
 
 SHAPE = (8, 9, 10)
 AFFINE = np.diag([1.0, 1.5, 2.0, 1.0])

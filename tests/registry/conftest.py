@@ -39,7 +39,8 @@ def make_ensemble(seeds=(0, 1), *, metric: float = 0.5, **kwargs):
 @pytest.fixture(scope="session")
 def raw_case(tmp_path_factory):
     """One procedural 32^3 GLI case on disk and its loaded CaseData."""
-    from bratstune.data.layout import discover, load_case
+    from bratstune.data.case import load_case
+    from bratstune.data.layout import discover
     from bratstune.data.synthetic import generate_cohort
 
     root = tmp_path_factory.mktemp("raw-case")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bratstune.data.layout import MODALITIES, Case, CaseReport, Convention, default_scheme, discover, validate_case
+from bratstune.data.case import MODALITIES, Case, CaseReport, validate_case
+from bratstune.data.layout import Convention, default_scheme, discover
 from bratstune.errors import ConfigError, DataError
 from bratstune.labels import LabelScheme, check_labels, get_scheme
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from bratstune import paths
 from bratstune.config_utils import to_dict
+from bratstune.data.case import load_case
 from bratstune.data.preprocess import (
     COHORT,
     HistogramReference,
@@ -45,7 +46,7 @@ from bratstune.data.preprocess import (
 from bratstune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from bratstune.data.layout import Case
+    from bratstune.data.case import Case
 
 logger = logging.getLogger(__name__)
 
@@ -247,9 +248,7 @@ class CaseCache:
             result = PreprocessedCase(**{**cached.__dict__, "image": image})
             result.config_fingerprint = config.fingerprint()
         else:
-            from bratstune.data import layout
-
-            result = preprocess_case(layout.load_case(case), config, reference=reference)
+            result = preprocess_case(load_case(case), config, reference=reference)
         return self._store(key, result, config)
 
     def _store(self, key: str, case: PreprocessedCase, config: PreprocessConfig) -> int:

@@ -33,31 +33,25 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 from bratstune.config_utils import check_choice
+
 # loading lives with the file I/O; it is public here too, per the contract
-from bratstune.data.nifti import CaseData, CaseReport, is_nifti, load_case, nifti_stem, validate_case, write_nifti_atomic
+from bratstune.data.case import MODALITIES, Case
+from bratstune.data.nifti import is_nifti, nifti_stem
 from bratstune.errors import DataError
 from bratstune.labels import CHALLENGES, LabelScheme, get_scheme, scheme_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MODALITIES",
-    "Case",
-    "CaseData",
-    "CaseReport",
     "Cohort",
     "Convention",
     "default_scheme",
     "discover",
-    "load_case",
-    "validate_case",
-    "write_nifti_atomic",
 ]
 
-MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
 
 
 class Convention(str, enum.Enum):
@@ -73,41 +67,6 @@ class Convention(str, enum.Enum):
 
 
 # ---------------------------------------------------------------------------------- data types
-
-
-@dataclass(frozen=True)
-class Case:
-    """One subject's files.
-
-    Attributes:
-        case_id: e.g. ``"BraTS-GLI-00000-000"``, ``"BraTS2021_00000"``, ``"BRATS_001"``.
-        images: canonical modality → file (MSD: all four point at the same 4-D file).
-        label: segmentation file, or None for unlabelled cases.
-        convention: ``"brats2023" | "brats2021" | "brats2020" | "msd"``.
-        challenge: ``"GLI"``, ``"PED"``, ... when the name says so, else None.
-        channel: MSD 4-D only: modality → index of the 4th axis.
-    """
-
-    case_id: str
-    images: Mapping[str, Path]
-    label: Path | None
-    convention: str
-    challenge: str | None
-    channel: Mapping[str, int] | None = None
-
-    def __hash__(self) -> int:
-        return hash((self.case_id, self.convention, self.label))
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """Distinct files of the case: images (in modality order) then the label."""
-        out: list[Path] = []
-        for p in self.images.values():
-            if p not in out:
-                out.append(p)
-        if self.label is not None:
-            out.append(self.label)
-        return tuple(out)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Intensity preprocessing of one case: crop to the brain, rescale, z-score, histogram matching.
 
-The steps, in order, for a case loaded by :func:`bratstune.data.layout.load_case`:
+The steps, in order, for a case loaded by :func:`bratstune.data.case.load_case`:
 
 1. **Brain mask** = voxels where *any* modality is non-zero (skull-stripped BraTS data has
    exactly-zero background).
@@ -38,7 +38,7 @@ from bratstune.config_utils import check_choice, to_dict
 from bratstune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from bratstune.data.layout import CaseData
+    from bratstune.data.case import CaseData
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +439,7 @@ def preprocess_case(
     """Crop and normalise a loaded case (see the module docstring for the steps).
 
     Args:
-        data: a case from :func:`bratstune.data.layout.load_case`.
+        data: a case from :func:`bratstune.data.case.load_case`.
         config: the options.
         reference: the histogram reference for ``histogram_match="cohort"``; for a path it is
             read from ``config.histogram_match`` when not given.
@@ -455,7 +455,7 @@ def preprocess_case(
             "CaseCache.prepare(cases, config) or pass reference=HistogramReference.from_images(...)"
         )
     image = np.asarray(data.image)
-    from bratstune.data.layout import MODALITIES
+    from bratstune.data.case import MODALITIES
 
     fingerprint = intensity_fingerprint(
         image,

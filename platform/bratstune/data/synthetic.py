@@ -33,12 +33,12 @@ import numpy as np
 from bratstune.config_utils import check_choice
 from bratstune.data.synth_anatomy import (
     DEFAULT_SHAPE,
+    apply_warp,
     atlas_path,
     atlas_template,
     make_grid,
-    procedural_template,
-    apply_warp,
     make_warp,
+    procedural_template,
 )
 from bratstune.data.synth_contrast import MODALITIES, render
 from bratstune.data.synth_tumour import mass_effects, rasterise, relocate, sample_lesions
@@ -111,7 +111,7 @@ def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Atomic NIfTI write with a BraTS-like header (qform/sform code 1 "scanner", mm units)."""
     import nibabel as nib
 
-    from bratstune.data.layout import write_nifti_atomic
+    from bratstune.data.nifti import write_nifti_atomic
 
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")

@@ -164,7 +164,7 @@ def reconstruction_figure(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from bratstune.data.layout import MODALITIES
+    from bratstune.data.case import MODALITIES
 
     cfg = model.config
     x = torch.from_numpy(_fit_to(image, cfg.img_size))[None]

@@ -218,7 +218,7 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def encoder_meta(config: MaeModelConfig, **extra: Any) -> dict[str, Any]:
     """What a consumer needs to check / adapt the encoder (grid for position-embedding interpolation)."""
-    from bratstune.data.layout import MODALITIES
+    from bratstune.data.case import MODALITIES
 
     return {
         "format": ENCODER_FORMAT,
