@@ -210,12 +210,12 @@ def test_deep_supervision_bad_arguments(outputs, weights, match):
 @pytest.mark.parametrize(
     ("weights", "kwargs", "match"),
     [
-        ({"dice": -1.0}, {}, "loss weight 'dice' must be >= 0, got -1.0"),
+        ({"dice": -1.0}, {}, "loss.weights.dice must be >= 0, got -1.0"),
         ({"dice": 0.0, "ce": 0}, {}, "all loss weights are zero"),
         ({}, {}, "all loss weights are zero"),
         ({"focal_tverski": 1.0}, {}, "unknown loss term 'focal_tverski' \\(did you mean 'focal_tversky'\\?\\)"),
         ({"tversky": 1.0}, {}, "did you mean 'focal_tversky'"),
-        ({"dice": "1"}, {}, "loss weight 'dice' must be a number, got '1'"),
+        ({"dice": "1"}, {}, "loss.weights.dice must be a number, got '1'"),
         ({"dice": float("nan")}, {}, "must be finite"),
         ([("dice", 1.0)], {}, "must be a mapping"),
         ({"dice": 1.0}, {"alpha": 0.0, "beta": 0.0}, "alpha \\+ beta must be > 0"),

@@ -154,6 +154,8 @@ def test_mlflow_run_records_scaling_history_and_artifacts(runs, monkeypatch):
 def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(runs, monkeypatch):
     from bratstune.labels import get_scheme
     from bratstune.training.network import prepare_network
+    from bratstune.errors import DataError
+    from bratstune.tracking.artifacts import localise_config
     from bratstune.training.config import load_train_config
 
     from .conftest import TINY_UNETR
@@ -164,7 +166,10 @@ def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(run
         "data": {"patch_size": [32, 32, 32]},
         "init": {"encoder_from": "models:/bratstune-mae-encoder@latest", "require_complete": True},
     })
-    model = prepare_network(config, get_scheme("brats2023"))
+    with pytest.raises(DataError, match="must be downloaded before training"):
+        prepare_network(config, get_scheme("brats2023"))  # training itself never talks to MLflow
+    local, _ = localise_config(config.to_dict(), dst=runs["home"] / "init")
+    model = prepare_network(load_train_config(local), get_scheme("brats2023"))
     report = model.bratstune_init_report
     vit_keys = sorted(k for k in model.state_dict() if k.startswith("vit."))
     assert sorted(report.encoder_tensors) == vit_keys
@@ -176,4 +181,6 @@ def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(run
     # the run id works as a source too
     from bratstune.models.encoder_init import load_encoder_weights
 
-    assert load_encoder_weights(model, runs["summary"]["run_id"]).complete
+    from bratstune.tracking.artifacts import resolve_artifact
+
+    assert load_encoder_weights(model, resolve_artifact(runs["summary"]["run_id"], default_artifact="encoder").path).complete

@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     import mlflow
 
     from bratstune import paths
-    from bratstune.tracking.runs import MlflowReporter, setup_mlflow, start_run
+    from bratstune.tracking.artifacts import localise_config
+    from bratstune.search.reporter import MlflowReporter
+    from bratstune.tracking.runs import setup_mlflow, start_run
     from bratstune.training.fit import TrainData, fit, resolve_config
     from bratstune.training.config import load_train_config
     from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
@@ -115,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         data_fingerprint=prepared.fingerprint,
         config=config,
     ) as run:
-        result = fit(config, data, reporter=MlflowReporter(), out_dir=out, resume_from=args.resume)
+        # The config logged above keeps its URIs; fit gets them as local folders.
+        local, _ = localise_config(config.to_dict(), dst=out / "init")
+        result = fit(load_train_config(local), data, reporter=MlflowReporter(), out_dir=out, resume_from=args.resume)
         if result.best_dir is not None:
             mlflow.log_artifacts(str(result.best_dir), "best_model")
         png = _validation_png(result, data, out)

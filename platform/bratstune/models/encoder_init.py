@@ -8,8 +8,8 @@
 * ``runs:/<run id>/encoder`` or a bare 32-hex MLflow run id (its ``encoder/`` artifacts);
 * a file (``encoder.pt``, any state dict or ``{"model": state_dict}``) or a folder holding one.
 
-MLflow sources are downloaded from :func:`bratstune.tracking.runs.tracking_uri` (``$MLFLOW_TRACKING_URI``
-or the embedded store).
+MLflow sources (the first two) are downloaded at the edge, before training, by
+:func:`bratstune.tracking.artifacts.localise_config`; this module only reads local files.
 
 Matching (:func:`load_encoder_weights`): a tensor of the file is loaded when the model has a
 tensor of the same name (after ``strip_prefix``; an exported encoder's ``vit.`` prefix is
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -158,30 +157,22 @@ def _find_weights(path: Path, source: str) -> Path:
                           + (f" (several weight files: {[h.name for h in hits]})" if hits else ""))
 
 
-def resolve_encoder_source(source: str | Path, *, dst: Path | None = None) -> Path:
-    """Local weights file of ``source`` (downloading MLflow artifacts into ``dst`` or a temp folder).
+def resolve_encoder_source(source: str | Path) -> Path:
+    """The local weights file of ``source`` (a ``.pt`` file, or a folder holding ``encoder.pt``).
+
+    MLflow URIs and run ids are resolved to local folders at the edge, before training
+    (:func:`bratstune.tracking.artifacts.localise_config`); this layer never downloads.
 
     Raises:
-        DataError: nothing found under that name.
+        DataError: a URI that was not resolved, or nothing found under that name.
     """
     text = str(source)
     if text.startswith(_MLFLOW_SCHEMES) or _RUN_ID.fullmatch(text):
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        from bratstune.tracking.runs import tracking_uri
-
-        uri = text if text.startswith(_MLFLOW_SCHEMES) else f"runs:/{text}/encoder"
-        folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="bratstune-encoder-"))
-        try:
-            # models:/ URIs resolve through the *global* registry URI, which an earlier
-            # `mlflow.set_tracking_uri` in this process may have pointed elsewhere.
-            mlflow.set_tracking_uri(tracking_uri())
-            mlflow.set_registry_uri(tracking_uri())
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder), tracking_uri=tracking_uri())
-        except (MlflowException, OSError) as exc:
-            raise DataError(text, f"init.encoder_from: cannot download from MLflow ({tracking_uri()}): {exc}") from None
-        return _find_weights(Path(local), text)
+        raise DataError(
+            text,
+            "init.encoder_from: an MLflow source must be downloaded before training "
+            "(bratstune.tracking.artifacts.localise_config does it for every job and command)",
+        )
     path = Path(text).expanduser()
     if not path.exists():
         raise DataError(path, "init.encoder_from: no such file, folder, MLflow run id or models:/ / runs:/ URI")
@@ -276,7 +267,7 @@ def load_encoder_weights(
 
     Args:
         model: the segmenter (e.g. ``build_model("unetr", 4, 3, ...)``).
-        source: ``models:/...``, ``runs:/...``, a run id, a file or a folder.
+        source: a weights file or a folder (URIs are resolved before, at the edge).
         strip_prefix: removed from the file's keys before matching (e.g. ``"encoder."``).
         interpolate: resample position embeddings to the model's patch grid (else mismatched).
         require_complete: raise unless every ``encoder`` tensor of the model was initialised.

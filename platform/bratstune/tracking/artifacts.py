@@ -21,13 +21,15 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bratstune.errors import DataError
 from bratstune.tracking.runs import tracking_uri as configured_uri
 
-__all__ = ["RUN_ID", "ResolvedArtifact", "is_remote", "resolve_artifact", "registry_version"]
+__all__ = ["RUN_ID", "ResolvedArtifact", "is_remote", "localise_config", "registry_version", "resolve_artifact"]
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 _SCHEMES = ("runs:/", "models:/")
@@ -144,3 +146,37 @@ def resolve_artifact(
         raise DataError(None, f"cannot download {what} {text!r} from {store}: {exc}") from None
     name, ver, run_id = version if version else (None, None, None)
     return ResolvedArtifact(Path(local), text, temporary, name, ver, run_id)
+
+
+def localise_config(
+    config: Mapping[str, Any], *, dst: Path | None = None, tracking_uri: str | None = None
+) -> tuple[dict[str, Any], ResolvedArtifact | None]:
+    """Resolve the URIs inside a training-config mapping to local paths, before ``fit`` is called.
+
+    Training never talks to MLflow: ``init.encoder_from: models:/bratstune-mae-encoder@latest``
+    (or ``runs:/...``, a run id) is downloaded here and replaced by the local folder. A local path
+    is left as it is.
+
+    Args:
+        config: a training-config mapping (``TrainConfig.to_dict()``, YAML, a trial's config);
+            nested (``{"init": {"encoder_from": ...}}``) or flat (``{"init.encoder_from": ...}``).
+        dst: download folder (e.g. the trial's folder); default a temporary folder, which the
+            caller removes with the returned artifact's :meth:`ResolvedArtifact.cleanup` after
+            ``fit`` has built its network.
+        tracking_uri: MLflow store; default the configured one.
+
+    Returns:
+        ``(config, artifact)``: a copy of the mapping with local paths, and the downloaded
+        artifact (``None`` when nothing was remote).
+    """
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(config).items()}
+    flat = "init.encoder_from" in out
+    source = out.get("init.encoder_from") if flat else (out.get("init") or {}).get("encoder_from")
+    if source is None or not is_remote(source):
+        return out, None
+    artifact = resolve_artifact(source, default_artifact="encoder", dst=dst, tracking_uri=tracking_uri, what="encoder")
+    if flat:
+        out["init.encoder_from"] = str(artifact.path)
+    else:
+        out["init"]["encoder_from"] = str(artifact.path)
+    return out, artifact

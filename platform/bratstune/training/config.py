@@ -23,16 +23,17 @@ which validates keys with nearest-key suggestions (``bratstune.config_utils.from
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from bratstune.config_utils import check_choice, from_dict, to_dict
-from bratstune.config_utils import to_triple
+from bratstune.config_utils import check_choice, from_dict, suggest, to_dict, to_triple
 from bratstune.errors import ConfigError
 
 __all__ = [
     "AMP_MODES",
+    "LOSS_TERMS",
     "DEVICES",
     "LOSS_MODES",
     "OPTIMIZERS",
@@ -70,17 +71,37 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+#: The loss terms :class:`bratstune.training.losses.CompoundLoss` knows (formulas there).
+LOSS_TERMS: tuple[str, ...] = ("dice", "focal", "focal_tversky", "ce", "mse", "edge")
+
+
+def check_number(value: Any, what: str, *, minimum: float | None = None, strict: bool = False) -> float:
+    """``float(value)``, finite, ``>= minimum`` (``> minimum`` when ``strict``); else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be finite, got {value!r}")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        raise ConfigError(f"{what} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """``bratstune.training.losses.CompoundLoss(weights, mode=mode, alpha=, beta=, gamma=)``.
 
+    The one place where loss term names, weights and Tversky parameters are validated: the loss
+    itself, the training config and the search spaces all call the checks below.
+
     Args:
-        weights: term name -> weight, e.g. ``{dice: 1.0, ce: 1.0}``.
+        weights: term name -> weight ``>= 0`` (at least one positive), e.g. ``{dice: 1.0, ce: 1.0}``;
+            names from :data:`LOSS_TERMS`.
         mode: ``region`` (sigmoid per nested region WT/TC/ET, the default) or ``label``
             (softmax over background + the scheme's labels).
-        alpha, beta: Tversky weights of false positives / false negatives.
-        gamma: Focal-Tversky exponent.
-        focal_gamma: focusing exponent of the ``focal`` term.
+        alpha, beta: Tversky weights of false positives / false negatives (``alpha + beta > 0``).
+        gamma: Focal-Tversky exponent (``> 0``).
+        focal_gamma: focusing exponent of the ``focal`` term (``>= 0``).
         deep_supervision: weight lower-resolution heads when the model returns several outputs
             in training mode (weights ``1/2**i``, normalised).
     """
@@ -95,10 +116,38 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.mode, LOSS_MODES, "loss.mode")
-        if not self.weights:
-            raise ConfigError("loss.weights: expected at least one term, e.g. {dice: 1.0, ce: 1.0}")
-        for name, weight in self.weights.items():
-            _positive(float(weight), f"loss.weights.{name}", allow_zero=True)
+        object.__setattr__(self, "weights", self.check_weights(self.weights))
+        self.check_tversky(self.alpha, self.beta, self.gamma)
+        check_number(self.focal_gamma, "loss.focal_gamma", minimum=0.0)
+
+    @staticmethod
+    def check_term(name: str, where: str = "loss.weights") -> None:
+        """Raise ConfigError (with the nearest valid name) unless ``name`` is a loss term."""
+        if name not in LOSS_TERMS:
+            raise ConfigError(f"{where}: unknown loss term '{name}'{suggest(name, LOSS_TERMS)}; expected one of {list(LOSS_TERMS)}")
+
+    @classmethod
+    def check_weights(cls, weights: Any) -> dict[str, float]:
+        """Term name -> weight as floats (zeros kept); at least one weight must be positive."""
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"loss.weights must be a mapping term -> weight, e.g. {{dice: 1.0, ce: 1.0}}; got {weights!r}")
+        out: dict[str, float] = {}
+        for name, value in weights.items():
+            cls.check_term(str(name))
+            out[str(name)] = check_number(value, f"loss.weights.{name}", minimum=0.0)
+        if not any(v > 0 for v in out.values()):
+            raise ConfigError(f"loss.weights: all loss weights are zero ({dict(weights)}); give at least one term a positive weight")
+        return out
+
+    @staticmethod
+    def check_tversky(alpha: Any, beta: Any, gamma: Any) -> tuple[float, float, float]:
+        """Validated Tversky ``(alpha, beta, gamma)``."""
+        alpha = check_number(alpha, "loss.alpha (Tversky false-positive weight)", minimum=0.0)
+        beta = check_number(beta, "loss.beta (Tversky false-negative weight)", minimum=0.0)
+        if alpha + beta <= 0:
+            raise ConfigError(f"loss: alpha + beta must be > 0 (got alpha={alpha!r}, beta={beta!r}); the usual choice is 0.3, 0.7")
+        gamma = check_number(gamma, "loss.gamma (focal-Tversky exponent)", minimum=0.0, strict=True)
+        return alpha, beta, gamma
 
 
 @dataclass(frozen=True)

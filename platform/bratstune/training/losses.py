@@ -34,6 +34,7 @@ from torch import nn
 
 from bratstune.config_utils import suggest
 from bratstune.errors import ConfigError
+from bratstune.training.config import LOSS_TERMS, LossConfig, check_number
 
 __all__ = [
     "TERMS",
@@ -46,7 +47,7 @@ __all__ = [
     "downsample_target",
 ]
 
-TERMS: tuple[str, ...] = ("dice", "focal", "focal_tversky", "ce", "mse", "edge")
+TERMS: tuple[str, ...] = LOSS_TERMS
 
 
 class LossMode(str, enum.Enum):
@@ -54,27 +55,6 @@ class LossMode(str, enum.Enum):
 
     REGION = "region"
     LABEL = "label"
-
-
-def _number(value: Any, what: str, *, minimum: float | None = None, strict: bool = False) -> float:
-    """``float(value)``, finite, ``>= minimum`` (``> minimum`` when ``strict``); else ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{what} must be finite, got {value!r}")
-    if minimum is not None and (value < minimum or (strict and value == minimum)):
-        raise ConfigError(f"{what} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return value
-
-
-def _tversky_params(alpha: Any, beta: Any, gamma: Any) -> tuple[float, float, float]:
-    alpha = _number(alpha, "alpha (Tversky false-positive weight)", minimum=0.0)
-    beta = _number(beta, "beta (Tversky false-negative weight)", minimum=0.0)
-    if alpha + beta <= 0:
-        raise ConfigError(f"alpha + beta must be > 0 (got alpha={alpha!r}, beta={beta!r}); the usual choice is 0.3, 0.7")
-    gamma = _number(gamma, "gamma (focal-Tversky exponent)", minimum=0.0, strict=True)
-    return alpha, beta, gamma
 
 
 def _check_same_shape(input: torch.Tensor, target: torch.Tensor, who: str) -> None:
@@ -123,8 +103,8 @@ class FocalTverskyLoss(nn.Module):
         self, *, alpha: float = 0.3, beta: float = 0.7, gamma: float = 2.0, smooth: float = 1e-5, batch: bool = True
     ) -> None:
         super().__init__()
-        self.alpha, self.beta, self.gamma = _tversky_params(alpha, beta, gamma)
-        self.smooth = _number(smooth, "smooth", minimum=0.0)
+        self.alpha, self.beta, self.gamma = LossConfig.check_tversky(alpha, beta, gamma)
+        self.smooth = check_number(smooth, "smooth", minimum=0.0)
         self.batch = bool(batch)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -190,7 +170,7 @@ class EdgeLoss(nn.Module):
 
     def __init__(self, *, eps: float = 1e-6) -> None:
         super().__init__()
-        self.eps = _number(eps, "eps", minimum=0.0, strict=True)
+        self.eps = check_number(eps, "eps", minimum=0.0, strict=True)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_same_shape(input, target, "EdgeLoss")
@@ -250,15 +230,16 @@ class CompoundLoss(nn.Module):
         include_background: bool = False,
     ) -> None:
         super().__init__()
-        self.weights = self._check_weights(weights)
+        # Zero-weight terms are neither built nor computed.
+        self.weights = {k: v for k, v in LossConfig.check_weights(weights).items() if v > 0}
         mode_value = mode.value if isinstance(mode, LossMode) else str(mode)
         if mode_value not in [m.value for m in LossMode]:
             options = [m.value for m in LossMode]
             raise ConfigError(f"unknown loss mode '{mode}'{suggest(mode_value, options)}; expected one of {options}")
         self.mode = LossMode(mode_value)
-        alpha, beta, gamma = _tversky_params(alpha, beta, gamma)
-        focal_gamma = _number(focal_gamma, "focal_gamma", minimum=0.0)
-        smooth = _number(smooth, "smooth", minimum=0.0)
+        alpha, beta, gamma = LossConfig.check_tversky(alpha, beta, gamma)
+        focal_gamma = check_number(focal_gamma, "focal_gamma", minimum=0.0)
+        smooth = check_number(smooth, "smooth", minimum=0.0)
         self.include_background = bool(include_background)
         region = self.mode is LossMode.REGION
 
@@ -280,21 +261,6 @@ class CompoundLoss(nn.Module):
                 self.terms[name] = nn.MSELoss()
             elif name == "edge":
                 self.terms[name] = EdgeLoss()
-
-    @staticmethod
-    def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-        if not isinstance(weights, Mapping):
-            raise ConfigError(f"loss weights must be a mapping term -> weight, e.g. {{dice: 1.0, ce: 1.0}}; got {weights!r}")
-        out: dict[str, float] = {}
-        for name, value in weights.items():
-            if name not in TERMS:
-                raise ConfigError(f"unknown loss term '{name}'{suggest(name, TERMS)}; expected some of {list(TERMS)}")
-            value = _number(value, f"loss weight '{name}'", minimum=0.0)
-            if value > 0:
-                out[name] = value
-        if not out:
-            raise ConfigError(f"all loss weights are zero ({dict(weights)}); give at least one term a positive weight")
-        return out
 
     def _prepare_target(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Validate shapes; return a float one-hot / region target of the input's shape."""
@@ -443,7 +409,7 @@ def deep_supervision_loss(
     if weights is None:
         w = deep_supervision_weights(len(outputs))
     else:
-        w = [_number(v, f"deep supervision weight {i}", minimum=0.0) for i, v in enumerate(weights)]
+        w = [check_number(v, f"deep supervision weight {i}", minimum=0.0) for i, v in enumerate(weights)]
         if len(w) != len(outputs):
             raise ValueError(f"deep_supervision_loss: {len(w)} weights for {len(outputs)} outputs")
         total = sum(w)
