@@ -15,7 +15,7 @@ REF_VENV ?= .venv-ref
 REF_SPEC ?= brats-evaluation==0.0.10 panoptica==2.1.7 surface-distance==0.1
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: venv ref-venv demo test clean
+.PHONY: venv ref-venv demo lint test clean
 
 venv: $(STAMP)
 
@@ -38,7 +38,14 @@ $(REF_STAMP): Makefile
 demo: venv
 	$(BIN)/python jobs/demo.py
 
-test: venv ref-venv
+# The architecture contract (layers, forbidden imports: pyproject [tool.importlinter]) and the
+# project's lint and format settings ([tool.ruff]); `make test` runs them before the tests.
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint ref-venv
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from bratstune import paths
+from bratstune.cli import main as cli
+from bratstune.data.synthetic import generate_cohort
+from bratstune.search import crossval
+from bratstune.search import tune as search
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class _Step:
     def __init__(self, title: str) -> None:
         self.title = title
 
-    def __enter__(self) -> "_Step":
+    def __enter__(self) -> _Step:
         print(f"\n=== {self.title} ===", flush=True)
         self.start = time.perf_counter()
         return self
@@ -72,12 +76,9 @@ def _train(cli: Any, cohort: Path, config: DemoConfig) -> int:
 def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = None,
              search_space: Path | None = None) -> int:
     """Run every step of the demo; returns a process exit code."""
-    import ray
+    # Deferred: Ray is needed only on this path (and takes seconds to import).
+    import ray  # noqa: PLC0415
 
-    from bratstune.search import crossval
-    from bratstune.search import tune as search
-    from bratstune.cli import main as cli
-    from bratstune.data.synthetic import generate_cohort
 
     started = time.perf_counter()
     with _Step(f"1. synthetic {config.challenge} cohort ({config.cases} cases, {config.anatomy} anatomy)"):

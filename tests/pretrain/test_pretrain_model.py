@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bratstune.errors import ConfigError
-from bratstune.pretrain.run import lr_lambda
+from bratstune.pretrain.worker import lr_lambda
 from bratstune.pretrain.config import MaeModelConfig, load_pretrain_config
 from bratstune.pretrain.model import (
     encoder_state_dict,

@@ -5,6 +5,7 @@ distinct shapes and spacings (with counts), the label values found and the label
 from the challenge, then every problem of every case (each case is checked on its own, so one bad
 file does not hide the others). Exit status: 0 clean, 1 problems found, 2 unusable arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,6 @@ from bratstune.data.case import MODALITIES, Case, CaseReport, validate_case
 from bratstune.data.layout import Convention, default_scheme, discover
 from bratstune.errors import ConfigError, DataError
 from bratstune.labels import LabelScheme, check_labels, get_scheme
-
-HELP = "summarise a cohort folder (naming, cases, geometry, labels) and list every problem"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,11 +1,10 @@
 """``bratstune presets``: list the bundled training presets, or print one as YAML."""
+
 from __future__ import annotations
 
 import argparse
 
 from bratstune.presets import describe_preset, list_presets, preset_text
-
-HELP = "list the bundled training presets (--show NAME prints one as YAML)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

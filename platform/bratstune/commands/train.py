@@ -8,6 +8,7 @@ the resolved config (params + ``config.yaml``), per-epoch metrics, the best mode
 (``best_model/``) and ``validation.png`` (reference vs predicted labels on validation slices).
 Prints the validation Dice per region of the best epoch at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bratstune.errors import ConfigError
+import mlflow
 
-HELP = "train one model from a YAML config or a preset, tracked in MLflow"
+from bratstune import paths
+from bratstune.config_utils import apply_overrides, load_yaml
+from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
+from bratstune.errors import ConfigError
+from bratstune.inference.outputs import decode_prediction
+from bratstune.inference.sliding_window import predict_probabilities
+from bratstune.presets import load_preset
+from bratstune.search.reporter import MlflowReporter
+from bratstune.tracking.artifacts import localise_config
+from bratstune.tracking.runs import setup_mlflow, start_run
+from bratstune.training.config import load_train_config
+from bratstune.training.fit import TrainData, fit, inference_settings, resolve_config
+from bratstune.training.validate import save_overlay_png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", type=Path, help="training config YAML (see bratstune.training.config)")
     source.add_argument("--preset", help="bundled preset name (`bratstune presets` lists them)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set loss.weights.dice=1.0 (repeatable)",
     )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of cases held out (default 0.2)")
@@ -39,13 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _raw_config(args: argparse.Namespace) -> dict[str, Any]:
-    from bratstune.config_utils import apply_overrides, load_yaml
 
     if args.config is not None:
         raw = load_yaml(args.config)
     else:
-        from bratstune.presets import load_preset
-
         raw = load_preset(args.preset)
     return apply_overrides(raw, args.overrides)
 
@@ -56,18 +70,22 @@ def _summary_lines(result: Any, scheme: Any) -> list[str]:
     if not regions:
         return ["no validation metrics (no validation cases)"]
     lines = [f"validation Dice at the best epoch ({result.best_epoch}/{result.epochs_completed}):"]
-    lines.append("  " + "  ".join(f"{r} {metrics[f'val/dice_{r}']:.3f}" for r in regions)
-                 + f"  mean {metrics.get('val/dice_mean', float('nan')):.3f}")
+    lines.append(
+        "  "
+        + "  ".join(f"{r} {metrics[f'val/dice_{r}']:.3f}" for r in regions)
+        + f"  mean {metrics.get('val/dice_mean', float('nan')):.3f}"
+    )
     if "val/dice_lesion_mean" in metrics:
         lesion = [r for r in scheme.regions if f"val/dice_lesion_{r}" in metrics]
-        lines.append("  lesion-wise: " + "  ".join(f"{r} {metrics[f'val/dice_lesion_{r}']:.3f}" for r in lesion)
-                     + f"  mean {metrics['val/dice_lesion_mean']:.3f}")
+        lines.append(
+            "  lesion-wise: "
+            + "  ".join(f"{r} {metrics[f'val/dice_lesion_{r}']:.3f}" for r in lesion)
+            + f"  mean {metrics['val/dice_lesion_mean']:.3f}"
+        )
     return lines
 
 
 def _validation_png(result: Any, data: Any, out: Path, max_cases: int = 2) -> Path | None:
-    from bratstune.training.fit import inference_settings
-    from bratstune.training.validate import decode_prediction, predict_probabilities, save_overlay_png
 
     if not data.val:
         return None
@@ -80,15 +98,6 @@ def _validation_png(result: Any, data: Any, out: Path, max_cases: int = 2) -> Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from bratstune import paths
-    from bratstune.tracking.artifacts import localise_config
-    from bratstune.search.reporter import MlflowReporter
-    from bratstune.tracking.runs import setup_mlflow, start_run
-    from bratstune.training.fit import TrainData, fit, resolve_config
-    from bratstune.training.config import load_train_config
-    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 
     if args.workers < 1:
         raise ConfigError(f"--workers: expected >= 1, got {args.workers}")
@@ -98,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, challenge=prepared.challenge or "GLI")
     data: TrainData = split_train_val(prepared.cases, prepared.scheme, val_fraction=args.val_fraction, seed=config.seed)
     out = (args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute()
-    print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, "
-          f"output {out}")
+    print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, output {out}")
 
     experiment_id = setup_mlflow(args.experiment)
     tags = {

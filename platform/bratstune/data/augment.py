@@ -18,8 +18,9 @@ Example YAML (every key optional)::
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torchio as tio

@@ -8,13 +8,19 @@ Shared by ``bratstune train`` and the jobs that call :func:`bratstune.training.f
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from bratstune.config_utils import from_dict
+from bratstune.data.cache import CaseCache
 from bratstune.data.fingerprint import data_fingerprint
+from bratstune.data.layout import default_scheme, discover
+from bratstune.data.preprocess import PreprocessConfig
+from bratstune.data.sampling import stratified_folds, tumour_volume
 from bratstune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -58,8 +64,6 @@ class PreparedCohort:
 
 def preprocess_config(mapping: Mapping[str, Any] | None) -> Any:
     """``data.preprocess`` of a train config as a ``PreprocessConfig`` (validated)."""
-    from bratstune.config_utils import from_dict
-    from bratstune.data.preprocess import PreprocessConfig
 
     return from_dict(PreprocessConfig, mapping or {}, where="config.data.preprocess")
 
@@ -72,8 +76,6 @@ def prepare_cohort(
     Raises:
         DataError: no labelled case, or cases whose naming implies different label schemes.
     """
-    from bratstune.data.cache import CaseCache
-    from bratstune.data.layout import default_scheme, discover
 
     cohort = discover(root)
     labelled = [c for c in cohort.cases if c.label is not None]
@@ -102,7 +104,6 @@ def split_train_val(cases: Sequence[Any], scheme: Any, *, val_fraction: float = 
     Uses fold 0 of ``bratstune.data.sampling.stratified_folds`` with ``k = round(1 / val_fraction)``
     (at most the number of cases); ``val_fraction = 0`` trains on everything without validation.
     """
-    from bratstune.data.sampling import stratified_folds, tumour_volume
 
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction: expected 0 <= value < 1, got {val_fraction!r}")

@@ -31,9 +31,9 @@ import logging
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from bratstune.config_utils import check_choice
 

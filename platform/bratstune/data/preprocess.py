@@ -27,14 +27,16 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from bratstune.config_utils import check_choice, to_dict
+from bratstune.data.case import MODALITIES
 from bratstune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -455,7 +457,6 @@ def preprocess_case(
             "CaseCache.prepare(cases, config) or pass reference=HistogramReference.from_images(...)"
         )
     image = np.asarray(data.image)
-    from bratstune.data.case import MODALITIES
 
     fingerprint = intensity_fingerprint(
         image,

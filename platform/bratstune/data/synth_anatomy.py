@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -204,7 +205,6 @@ def atlas_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def load_atlas_brats() -> np.ndarray:
     """The atlas as float32 (240, 240, 155) in the BraTS voxel layout (L-P-S axis codes)."""
-    import nibabel as nib
 
     path = atlas_path()
     img = nib.load(str(path))

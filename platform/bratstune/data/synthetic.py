@@ -28,9 +28,11 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from bratstune.config_utils import check_choice
+from bratstune.data.nifti import write_nifti_atomic
 from bratstune.data.synth_anatomy import (
     DEFAULT_SHAPE,
     apply_warp,
@@ -109,9 +111,7 @@ def case_id(challenge: str, index: int, naming: str = "2023") -> str:
 
 def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Atomic NIfTI write with a BraTS-like header (qform/sform code 1 "scanner", mm units)."""
-    import nibabel as nib
 
-    from bratstune.data.nifti import write_nifti_atomic
 
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")

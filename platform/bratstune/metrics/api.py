@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bratstune.config_utils import suggest
 from bratstune.metrics import brats2023, brats2026
 from bratstune.metrics.components import case_box, region_mask
 
@@ -51,7 +52,6 @@ def challenges(protocol: str) -> tuple[str, ...]:
 
 def _check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-        from bratstune.config_utils import suggest
 
         raise ValueError(
             f"unknown protocol {protocol!r}{suggest(str(protocol), PROTOCOLS)}; "

@@ -28,14 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bratstune.errors import DataError
+from bratstune.config_utils import check_choice
+from bratstune.errors import ConfigError, DataError
+from bratstune.models import layer_groups
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +135,6 @@ def encoder_init_overrides(choice: str, *, source: str = DEFAULT_MAE_SOURCE, fre
     Returns:
         e.g. ``{"init.encoder_from": "models:/bratstune-mae-encoder@latest", "freeze": ["encoder"]}``.
     """
-    from bratstune.config_utils import check_choice
 
     check_choice(choice, ENCODER_INIT_CHOICES, "encoder_init")
     out: dict[str, Any] = {"init.encoder_from": None if choice == "scratch" else source}
@@ -246,8 +248,6 @@ def _model_grid(model: torch.nn.Module, n: int) -> tuple[int, int, int] | None:
 
 
 def _encoder_prefixes(model: torch.nn.Module) -> list[str]:
-    from bratstune.errors import ConfigError
-    from bratstune.models import layer_groups
 
     try:
         return list(layer_groups(model)["encoder"])

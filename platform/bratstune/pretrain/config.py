@@ -23,11 +23,11 @@ worker's ``batch_size``) and the rate used is ``lr * scale`` with ``scale = B_ef
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from bratstune.config_utils import check_choice, from_dict, to_dict
-from bratstune.config_utils import to_triple
+from bratstune.config_utils import check_choice, from_dict, to_dict, to_triple
 from bratstune.errors import ConfigError
 
 __all__ = ["LR_SCALINGS", "MaeDataConfig", "MaeModelConfig", "MaeOptimConfig", "PretrainConfig", "load_pretrain_config"]

@@ -12,12 +12,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from bratstune.config_utils import from_dict
+from bratstune.data.cache import CaseCache
+from bratstune.data.layout import discover
+from bratstune.data.preprocess import PreprocessConfig
 from bratstune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -27,8 +32,6 @@ __all__ = ["CropSampler", "collect_cases", "load_images", "prepare_volumes", "pr
 
 def preprocess_config(mapping: Any) -> Any:
     """``data.preprocess`` as a validated ``PreprocessConfig``."""
-    from bratstune.config_utils import from_dict
-    from bratstune.data.preprocess import PreprocessConfig
 
     if isinstance(mapping, PreprocessConfig):
         return mapping
@@ -41,7 +44,6 @@ def collect_cases(folders: Iterable[str | Path]) -> list[Any]:
     Raises:
         DataError: a folder is missing, or no case was found at all.
     """
-    from bratstune.data.layout import discover
 
     cases: dict[str, Any] = {}
     folders = [Path(f) for f in folders]
@@ -65,14 +67,12 @@ def collect_cases(folders: Iterable[str | Path]) -> list[Any]:
 
 def prepare_volumes(cases: Sequence[Any], preprocess: Any, *, cache_root: Path | None = None, workers: int = 1) -> list[Any]:
     """Preprocess ``cases`` into the cache (crop to brain, z-score ...); returns ``PreprocessedCase`` s."""
-    from bratstune.data.cache import CaseCache
 
     return CaseCache(cache_root).prepare(list(cases), preprocess_config(preprocess), workers=workers)
 
 
 def load_images(cases: Sequence[Any], preprocess: Any, *, cache_root: Path | None = None) -> list[np.ndarray]:
     """The cached ``(C, X, Y, Z)`` images of ``cases`` as memory maps (prepared by the driver)."""
-    from bratstune.data.cache import CaseCache
 
     cache = CaseCache(cache_root)
     config = preprocess_config(preprocess)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
+import monai
 import numpy as np
 import torch
+from monai.networks.nets.vit import ViT
 
+from bratstune.data.case import MODALITIES
 from bratstune.pretrain.model import (
     MaskedAutoencoder3D,
     encoder_meta,
@@ -57,11 +61,11 @@ def save_encoder(model: MaskedAutoencoder3D, folder: Path, **extra_meta: Any) ->
 
 def _pyfunc_model() -> Any:
     """A self-contained pyfunc (needs torch + monai only, not bratstune) around ``encoder.pt``."""
-    import mlflow.pyfunc
+    # Deferred: MLflow takes about a second to import and only this path talks to it.
+    import mlflow.pyfunc  # noqa: PLC0415
 
     class MaeEncoderModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context):  # noqa: D401 - MLflow hook
-            from monai.networks.nets.vit import ViT
 
             payload = torch.load(context.artifacts["encoder"], map_location="cpu", weights_only=True)
             meta = payload["meta"]
@@ -96,9 +100,9 @@ def register_encoder(
     Returns:
         ``(version, "models:/NAME/VERSION")``.
     """
-    import mlflow
-    import monai
-    from mlflow.tracking import MlflowClient
+    # Deferred: MLflow takes about a second to import and only this path talks to it.
+    import mlflow  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     folder = Path(folder)
     active = mlflow.active_run()
@@ -159,12 +163,12 @@ def reconstruction_figure(
     Returns:
         ``{"recon/mse_masked": ..., "recon/mask_ratio": ...}`` (MSE in the input's intensity units).
     """
-    import matplotlib
+    # Deferred: matplotlib is needed only to draw this figure.
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    from bratstune.data.case import MODALITIES
 
     cfg = model.config
     x = torch.from_numpy(_fit_to(image, cfg.img_size))[None]

@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from monai.networks.blocks.transformerblock import TransformerBlock
+from monai.networks.nets.vit import ViT
 from torch import nn
 
+from bratstune.data.case import MODALITIES
 from bratstune.pretrain.config import MaeModelConfig
 
 __all__ = [
@@ -90,9 +95,6 @@ class MaskedAutoencoder3D(nn.Module):
 
     def __init__(self, config: MaeModelConfig) -> None:
         super().__init__()
-        from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
-        from monai.networks.blocks.transformerblock import TransformerBlock
-        from monai.networks.nets.vit import ViT
 
         self.config = config
         self.vit = ViT(
@@ -218,7 +220,6 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def encoder_meta(config: MaeModelConfig, **extra: Any) -> dict[str, Any]:
     """What a consumer needs to check / adapt the encoder (grid for position-embedding interpolation)."""
-    from bratstune.data.case import MODALITIES
 
     return {
         "format": ENCODER_FORMAT,

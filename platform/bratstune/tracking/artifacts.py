@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from bratstune.errors import DataError
 from bratstune.tracking.runs import tracking_uri as configured_uri
 
@@ -78,10 +82,6 @@ def registry_version(uri: str, *, tracking_uri: str | None = None) -> tuple[str,
     body = uri[len("models:/") :].strip("/")
     if "@" not in body and "/" not in body:
         return None
-    # Deferred: importing MLflow costs about a second, and local paths never need it.
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if "@" in body:
@@ -123,9 +123,6 @@ def resolve_artifact(
         if not path.exists():
             raise DataError(path, f"no such {what} folder or file, and not an MLflow run id, runs:/ or models:/ URI")
         return ResolvedArtifact(path=path, uri=text)
-    # Deferred: MLflow is only needed for remote sources.
-    import mlflow  # noqa: PLC0415
-
     uri = text
     if RUN_ID.fullmatch(text):
         uri = f"runs:/{text}/{default_artifact}" if default_artifact else f"runs:/{text}"

@@ -10,42 +10,41 @@
   package versions, hardware and the data fingerprint; the run ends FINISHED on success or on
   ``SystemExit`` (how Ray Tune stops a trial), KILLED on ``KeyboardInterrupt``, FAILED otherwise.
 * :func:`log_config`: nested config → flat ``a.b.c`` params, plus the YAML as an artifact.
-* :class:`MlflowReporter`: an ``EpochReport`` callback for :func:`bratstune.training.fit.fit` that logs
-  per-epoch metrics and the best checkpoint.
 
-Nothing here runs at import: MLflow is imported inside the functions.
+The ``fit`` reporter that logs epochs to MLflow lives in the search layer
+(:class:`bratstune.search.reporter.MlflowReporter`): tracking knows nothing of training.
+
+Nothing here runs at import: no store is opened until a function is called.
 """
+
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
-import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import Any
 
+import mlflow
 import yaml
+from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from bratstune import paths
 from bratstune.config_utils import to_dict
-
-if TYPE_CHECKING:
-    import mlflow
-
-    from bratstune.training.fit import EpochReport
+from bratstune.device import hardware_summary
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARTIFACT_DIR",
     "DB_FILE",
-    "MlflowReporter",
     "flatten",
     "git_commit",
     "log_config",
@@ -73,7 +72,7 @@ def tracking_uri() -> str:
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 def artifact_location(uri: str) -> str | None:
@@ -96,10 +95,6 @@ def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> st
         experiment: experiment name (created if missing).
         uri: tracking URI; default :func:`tracking_uri`.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     uri = uri or tracking_uri()
     db = _sqlite_path(uri)
     if db is not None:
@@ -111,7 +106,7 @@ def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> st
     if found is None:
         location = artifact_location(uri)
         if location is not None:
-            Path(location[len("file://"):]).mkdir(parents=True, exist_ok=True)
+            Path(location[len("file://") :]).mkdir(parents=True, exist_ok=True)
         try:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         except MlflowException:  # created concurrently by another driver
@@ -168,8 +163,6 @@ def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
 
 def run_tags(*, data_fingerprint: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Tags every run carries: git commit, package versions, hardware, data fingerprint."""
-    from bratstune.device import hardware_summary
-
     tags: dict[str, str] = {}
     git = git_commit()
     if git:
@@ -212,8 +205,6 @@ def start_run(
         The active run. It ends FINISHED on success or ``SystemExit``, KILLED on
         ``KeyboardInterrupt``, FAILED on any other exception (which propagates).
     """
-    import mlflow
-
     run = mlflow.start_run(
         run_id=run_id,
         nested=nested,
@@ -262,9 +253,6 @@ def log_config(config: Any, *, artifact_file: str = "config.yaml", run_id: str |
     Returns:
         The flat params that were logged.
     """
-    import mlflow
-    from mlflow.entities import Param
-
     plain = to_dict(config) if is_dataclass(config) else to_dict(dict(config))
     params = flatten(plain)
     client = mlflow.tracking.MlflowClient()
@@ -274,41 +262,3 @@ def log_config(config: Any, *, artifact_file: str = "config.yaml", run_id: str |
         client.log_batch(run_id, params=items[start : start + 100])
     client.log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
     return params
-
-
-class MlflowReporter:
-    """``fit`` reporter: per-epoch metrics (step = epoch) and the best model as artifacts.
-
-    Args:
-        run_id: the run to log to (default: the active run when the reporter is created).
-        log_best: upload the best-model folder under ``artifact_path`` whenever it improves.
-        artifact_path: artifact folder for the best model.
-
-    Validation metrics are logged only for epochs that validated (``report.validated``), and
-    non-finite values are skipped.
-    """
-
-    def __init__(self, *, run_id: str | None = None, log_best: bool = True, artifact_path: str = "best_model") -> None:
-        import mlflow
-
-        active = mlflow.active_run()
-        if run_id is None and active is None:
-            raise RuntimeError("MlflowReporter needs a run: pass run_id or create it inside start_run()")
-        self.run_id = run_id or active.info.run_id  # type: ignore[union-attr]
-        self.client = mlflow.tracking.MlflowClient()
-        self.log_best = log_best
-        self.artifact_path = artifact_path
-
-    def __call__(self, report: EpochReport) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, report.epoch)
-            for key, value in report.metrics.items()
-            if (report.validated or not key.startswith("val/")) and math.isfinite(float(value))
-        ]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
-        if self.log_best and report.is_best and report.best_dir is not None:
-            self.client.log_artifacts(self.run_id, str(report.best_dir), self.artifact_path)

@@ -20,15 +20,17 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from bratstune.errors import DataError
+from bratstune.models.network import MODEL_FILE, STATE_FILE, load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ __all__ = [
     "save_state",
 ]
 
-STATE_FILE = "state.pt"
-MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 BEST_DIR = "best"
@@ -222,16 +222,3 @@ def save_best(
     _write_sidecars(tmp, config, metrics)
     _replace_dir(tmp, folder)
     return folder
-
-
-def load_model_weights(model: torch.nn.Module, path: Path, *, map_location: torch.device | str = "cpu") -> None:
-    """Load weights from a best-model folder, a ``model.pt`` or a training checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE if (path / MODEL_FILE).is_file() else path / STATE_FILE
-    if not path.is_file():
-        raise DataError(path, f"no model weights here (expected {MODEL_FILE} or {STATE_FILE})")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if path.name == STATE_FILE:
-        payload = payload["model"]
-    model.load_state_dict(payload)

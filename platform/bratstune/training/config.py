@@ -24,9 +24,10 @@ which validates keys with nearest-key suggestions (``bratstune.config_utils.from
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from bratstune.config_utils import check_choice, from_dict, suggest, to_dict, to_triple
 from bratstune.errors import ConfigError

@@ -10,20 +10,24 @@ for any number of workers and a resumed run sees exactly the batches it would ha
 Each item is ``{"image": float32 (C, P, P, P), "target": ...}`` where the target is built in
 the worker from the patch's labels: region mode ``labels.labels_to_regions`` → bool
 ``(R, P, P, P)``; label mode → int64 class indices ``(1, P, P, P)`` (see
-:func:`bratstune.training.validate.labels_to_classes`).
+:func:`bratstune.inference.outputs.labels_to_classes`).
 """
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bratstune.data.augment import build_augment
+from bratstune.data.sampling import PatchDataset
+from bratstune.inference.outputs import labels_to_classes
+from bratstune.labels import labels_to_regions
 from bratstune.training.config import TrainConfig
-from bratstune.training.validate import labels_to_classes
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,6 @@ class EpochPatches(Dataset):
         sample = self.patches[i]
         label = torch.as_tensor(sample["label"])[0].to(torch.uint8).numpy()
         if self.mode == "region":
-            from bratstune.labels import labels_to_regions
 
             target = torch.from_numpy(labels_to_regions(label, self.scheme))
         else:
@@ -105,11 +108,9 @@ def build_train_loader(
         num_workers: background worker processes (0 = in the training process).
         pin_memory: page-locked batches for faster host-to-GPU copies (CUDA only).
     """
-    from bratstune.data.sampling import PatchDataset
 
     transform = None
     if config.data.augment is not None:
-        from bratstune.data.augment import build_augment
 
         transform = build_augment(dict(config.data.augment))
     samples = config.steps_per_epoch * config.data.batch_size

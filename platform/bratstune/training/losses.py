@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
 from bratstune.config_utils import suggest
@@ -246,11 +247,9 @@ class CompoundLoss(nn.Module):
         self.terms = nn.ModuleDict()
         for name in self.weights:
             if name == "dice":
-                from monai.losses import DiceLoss
 
                 self.terms[name] = DiceLoss(smooth_nr=smooth, smooth_dr=smooth, batch=bool(batch))
             elif name == "focal":
-                from monai.losses import FocalLoss
 
                 self.terms[name] = FocalLoss(gamma=focal_gamma, use_softmax=not region, reduction="none")
             elif name == "focal_tversky":

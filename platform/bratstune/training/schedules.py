@@ -14,7 +14,7 @@ step over ``total_steps = epochs * steps_per_epoch``:
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.optim import lr_scheduler
