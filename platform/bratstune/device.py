@@ -1,11 +1,15 @@
 """Device, mixed-precision and thread settings, chosen once at the edge of a run.
 
 * :func:`select_device`: ``auto`` → CUDA when available, else CPU.
+* :func:`select_trial_device`: the device of one Ray trial or task, from its **own** GPU request
+  (Ray 2.60 leaves GPUs visible to work that asked for none); a fractional share caps the
+  process's CUDA memory at that fraction.
 * :func:`amp_dtype`: ``auto`` → bf16 on CUDA where supported, fp16 otherwise (with a
   gradient scaler, see :func:`needs_grad_scaler`); no autocast on CPU unless ``on`` (bf16).
 * :func:`configure_threads`: ``torch.set_num_threads`` (and inter-op threads when still allowed).
 * :func:`hardware_summary`: what ran the job, for the tracking tags.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +31,7 @@ __all__ = [
     "hardware_summary",
     "needs_grad_scaler",
     "select_device",
+    "select_trial_device",
 ]
 
 
@@ -48,6 +53,42 @@ def select_device(name: str = "auto") -> torch.device:
             "use device: auto or device: cpu"
         )
     return torch.device(name)
+
+
+def select_trial_device(name: str = "auto", *, gpus: float) -> torch.device:
+    """The device of a trial that asked its scheduler for ``gpus`` GPUs (0, a share, or whole GPUs).
+
+    Ray 2.60 does not hide GPUs from tasks that request none (``CUDA_VISIBLE_DEVICES`` stays set),
+    so ``torch.cuda.is_available()`` cannot decide: a trial without a GPU share runs on the CPU
+    even on a GPU node, and Ray's accounting stays true.
+
+    * ``gpus == 0``: CPU (``auto`` and ``cpu``); asking for ``cuda`` is a configuration error.
+    * ``gpus > 0``: :func:`select_device` (``auto`` → CUDA; CPU with a warning when this process
+      sees no CUDA device). A share ``0 < gpus < 1`` caps this process's CUDA memory at that
+      fraction of the device (``torch.cuda.set_per_process_memory_fraction``), so four trials at
+      ``gpu: 0.25`` cannot starve each other.
+
+    Raises:
+        ConfigError: a negative share, or ``device: cuda`` for a trial that asked for no GPU.
+    """
+    if gpus < 0:
+        raise ConfigError(f"resources.gpu: expected a share >= 0, got {gpus!r}")
+    if gpus == 0:
+        if name.startswith("cuda"):
+            raise ConfigError(
+                "device: cuda, but the trial asked for no GPU (resources.gpu: 0); give it a GPU share "
+                "(e.g. resources: {gpu: 0.25}) or use device: auto"
+            )
+        check_choice(name, ("auto", "cpu"), "device")
+        return torch.device("cpu")
+    if name == "auto" and not torch.cuda.is_available():
+        logger.warning("the trial holds %.2f GPU but this process sees no CUDA device: running on CPU", gpus)
+        return torch.device("cpu")
+    device = select_device(name)
+    if device.type == "cuda" and gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(float(gpus), device)
+        logger.info("CUDA memory of this trial capped at %.0f %% of %s", 100 * gpus, device)
+    return device
 
 
 def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
