@@ -12,6 +12,7 @@ predicted in-process (one worker, all torch threads) and the default-size cohort
 1 and 2 Ray actors (one torch thread each) for the speed-up. QC thumbnails are written (their time
 is reported as ``qc``); no MLflow run is recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,32 @@ STAGES = ("load_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "qc
 def build_ensemble(folder: Path, *, filters: list[int], roi: int, overlap: float, tta: str) -> Path:
     import torch
 
-    from bratstune.ensemble.package import Ensemble, Member
+    from bratstune.ensemble.member import Member
+    from bratstune.ensemble.package import Ensemble
     from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for
-    from bratstune.training.network import build_network, resolve_config
     from bratstune.training.config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
 
-    config = resolve_config(load_train_config({"model": {"name": "unet", "kwargs": {"filters": filters, "deep_supr_num": 1}},
-                                               "data": {"patch_size": roi}, "challenge": "GLI"}))
+    config = resolve_config(
+        load_train_config(
+            {
+                "model": {"name": "unet", "kwargs": {"filters": filters, "deep_supr_num": 1}},
+                "data": {"patch_size": roi},
+                "challenge": "GLI",
+            }
+        )
+    )
     torch.manual_seed(0)
     model = build_network(config, scheme_for("GLI")).eval()
     inference = InferenceConfig(overlap=overlap, flips=tta != "none", rotate90=tta == "flips+rot90")
-    ensemble = Ensemble.from_members([Member("bench", config, model)], scheme="brats2023", challenge="GLI",
-                                     inference=inference, metrics={"val/dice_mean": 0.0})
+    ensemble = Ensemble.from_members(
+        [Member("bench", config, model)],
+        scheme="brats2023",
+        challenge="GLI",
+        inference=inference,
+        metrics={"val/dice_mean": 0.0},
+    )
     return ensemble.save(folder)
 
 
@@ -57,16 +71,18 @@ def cohort(folder: Path, *, cases: int, shape: tuple[int, int, int] | None, anat
     return folder
 
 
-def run(label: str, data: Path, model: Path, out: Path, *, workers: int, threads: int | None,
-        use_ray: bool | None = None) -> float:
+def run(
+    label: str, data: Path, model: Path, out: Path, *, workers: int, threads: int | None, use_ray: bool | None = None
+) -> float:
     import csv
 
     from bratstune.predict.batch import predict_cohort
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    summary = predict_cohort(data, model, out, workers=workers, threads=threads, progress=False, experiment=None,
-                             use_ray=use_ray)
+    summary = predict_cohort(
+        data, model, out, workers=workers, threads=threads, progress=False, experiment=None, use_ray=use_ray
+    )
     wall = time.perf_counter() - start
     with open(out / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -74,8 +90,10 @@ def run(label: str, data: Path, model: Path, out: Path, *, workers: int, threads
     per_case = sum(mean.values())
     shape = rows[0]["shape"]
     split = "  ".join(f"{s[:-2]} {mean[s]:6.2f}" for s in STAGES)
-    print(f"{label:<34} {shape:>12}  {len(rows)} cases  {per_case:7.2f} s/case  [{split}]  "
-          f"wall {wall:6.1f} s ({wall / len(rows):.2f} s/case){'' if summary.ok else '  FAILURES'}")
+    print(
+        f"{label:<34} {shape:>12}  {len(rows)} cases  {per_case:7.2f} s/case  [{split}]  "
+        f"wall {wall:6.1f} s ({wall / len(rows):.2f} s/case){'' if summary.ok else '  FAILURES'}"
+    )
     return wall
 
 
@@ -99,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     model = build_ensemble(work / "model", filters=args.filters, roi=args.roi, overlap=args.overlap, tta=args.tta)
-    print(f"ensemble: unet {args.filters}, window {args.roi}^3, overlap {args.overlap}, TTA {args.tta}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"ensemble: unet {args.filters}, window {args.roi}^3, overlap {args.overlap}, TTA {args.tta}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
     default = cohort(work / "default", cases=args.cases, shape=None, anatomy="atlas")
     run("default synthetic, in-process", default, model, work / "out-default", workers=1, threads=None)
     if not args.no_large:
@@ -109,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ray:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="rbb", dir="/tmp"))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="rbb", dir="/tmp"),
+        )
         try:
             one = run_ray("default synthetic, 1 Ray worker x 1 thread", default, model, work / "out-ray1", 1)
             two = run_ray("default synthetic, 2 Ray workers x 1 thread", default, model, work / "out-ray2", 2)

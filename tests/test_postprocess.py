@@ -1,12 +1,13 @@
 """Hand-made tables for `bratstune.inference.postprocess`: dust removal, hole filling and their order."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from bratstune.errors import ConfigError
-from bratstune.labels import get_scheme
 from bratstune.inference.postprocess import PostprocessConfig, fill_holes, postprocess, remove_dust
+from bratstune.labels import get_scheme
 
 SCHEME = get_scheme("brats2023")  # 1 NCR, 2 ED, 3 ET; decode WT(2) > TC(1) > ET(3)
 

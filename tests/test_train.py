@@ -353,7 +353,7 @@ def test_region_dice(pred, ref, expected):
 
 def test_label_class_round_trip_for_legacy_labels():
     from bratstune.labels import get_scheme
-    from bratstune.training.validate import classes_to_labels, labels_to_classes
+    from bratstune.inference.outputs import classes_to_labels, labels_to_classes
 
     legacy = get_scheme("legacy")  # labels 1, 2, 4
     seg = np.array([0, 1, 2, 4], dtype=np.uint8)

@@ -179,7 +179,7 @@ def channel_names(config: TrainConfig, scheme: Any) -> tuple[str, ...]:
     """Names of the output channels: region mode ``train_regions``; label mode background + labels."""
     if config.loss.mode == "region":
         return tuple(scheme.train_regions)
-    from bratstune.training.validate import label_values
+    from bratstune.inference.outputs import label_values
 
     return ("background", *(str(scheme.labels[v]) for v in label_values(scheme)))
 

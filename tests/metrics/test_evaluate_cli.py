@@ -1,4 +1,5 @@
 """`bratstune evaluate` on real NIfTI files: one case, a synthetic cohort, post-processing."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,19 @@ def test_single_case_json(tmp_path, capsys):
     _save(tmp_path / "gt.nii.gz", gt)
     _save(tmp_path / "pred.nii.gz", _noisy(gt, np.random.default_rng(0)))
     out = tmp_path / "m.json"
-    rc = cli.main(["evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--gt", str(tmp_path / "gt.nii.gz"),
-                   "--challenge", "GLI", "--json", str(out)])
+    rc = cli.main(
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred.nii.gz"),
+            "--gt",
+            str(tmp_path / "gt.nii.gz"),
+            "--challenge",
+            "GLI",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["protocol"] == "brats2023" and doc["challenge"] == "GLI"
@@ -61,8 +73,24 @@ def test_brats2026_regions_in_capitals(tmp_path):
     _save(tmp_path / "gt.nii.gz", gt)
     _save(tmp_path / "pred.nii.gz", gt)
     out = tmp_path / "m.json"
-    assert cli.main(["evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--gt", str(tmp_path / "gt.nii.gz"),
-                     "--challenge", "GLI", "--protocol", "brats2026", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred.nii.gz"),
+                "--gt",
+                str(tmp_path / "gt.nii.gz"),
+                "--challenge",
+                "GLI",
+                "--protocol",
+                "brats2026",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     regions = json.loads(out.read_text())["regions"]
     assert set(regions) == {"NETC", "SNFH", "ET", "RC", "TC", "WT"}
     assert regions["WT"]["lesionwise_dice"] == 1.0 and math.isnan(regions["RC"]["lesionwise_dice"])
@@ -83,9 +111,23 @@ def test_synthetic_cohort_with_and_without_postprocessing(tmp_path, capsys):
         gt = np.asarray(img.dataobj).astype(np.uint8)
         _save(preds / f"{case.case_id}.nii.gz", _noisy(gt, rng, dust=15), img.header.get_zooms()[:3])
     out = tmp_path / "report"
-    rc = cli.main(["evaluate", "--pred", str(preds), "--gt", str(cohort_dir), "--challenge", "GLI",
-                   "--out", str(out), "--json", str(tmp_path / "all.json"),
-                   "--postprocess", "min_size_ET=10,min_size_TC=10,min_size_WT=10"])
+    rc = cli.main(
+        [
+            "evaluate",
+            "--pred",
+            str(preds),
+            "--gt",
+            str(cohort_dir),
+            "--challenge",
+            "GLI",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "all.json"),
+            "--postprocess",
+            "min_size_ET=10,min_size_TC=10,min_size_WT=10",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "LW Dice (pp)" in printed

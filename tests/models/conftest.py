@@ -1,4 +1,5 @@
 """Tiny configurations of every architecture, fast on one CPU thread."""
+
 from __future__ import annotations
 
 import pytest

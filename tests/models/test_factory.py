@@ -48,9 +48,13 @@ def test_architecture_of_bare_monai_network():
         (128, 1.0, 5, [(3, 3, 3)] * 5, [(1, 1, 1)] + [(2, 2, 2)] * 4),
         # thick slices (4x): z pooled only once x/y spacing caught up; kernel 1 along z at level 0;
         # 64x64x16 -> 32x32x16 -> 16x16x8 -> 8x8x4 -> 4x4x4 (z stops at the minimum size 4)
-        ((64, 64, 16), (0.5, 0.5, 2.0), None,
-         [(3, 3, 1)] + [(3, 3, 3)] * 4,
-         [(1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1)]),
+        (
+            (64, 64, 16),
+            (0.5, 0.5, 2.0),
+            None,
+            [(3, 3, 1)] + [(3, 3, 3)] * 4,
+            [(1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1)],
+        ),
     ],
 )
 def test_nnunet_topology(patch, spacing, max_levels, kernels, strides):
@@ -69,7 +73,11 @@ def test_unet_uses_at_most_len_filters_levels():
         ("swinunetr", {}, "did you mean 'swin_unetr'"),
         ("unet", {"filter": [8, 16, 32]}, "did you mean 'filters'"),
         ("unet", {"norm": "instnce"}, "did you mean 'instance'"),
-        ("unet", {"patch_size": 32, "filters": [8, 16, 32, 64], "deep_supr_num": 3}, "deep_supr_num must be between 1 and 2"),
+        (
+            "unet",
+            {"patch_size": 32, "filters": [8, 16, 32, 64], "deep_supr_num": 3},
+            "deep_supr_num must be between 1 and 2",
+        ),
         ("unet", {"patch_size": 8}, "at least 3"),
         ("unet", {"patch_size": [48, 48, 0]}, "three positive integers"),
         ("swin_unetr", {"patch_size": 48}, "divisible by 32"),

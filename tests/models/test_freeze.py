@@ -67,7 +67,9 @@ def test_frozen_weights_and_statistics_stay_bit_identical(arch, tiny_model):
         assert not torch.equal(before[name], after[name]), f"{arch}: trainable {name} did not change"
 
 
-@pytest.mark.parametrize(("arch", "overrides"), [("attention_unet", {}), ("unet", {"norm": "batch"}), ("swin_unetr", {})])
+@pytest.mark.parametrize(
+    ("arch", "overrides"), [("attention_unet", {}), ("unet", {"norm": "batch"}), ("swin_unetr", {})]
+)
 def test_frozen_batch_norm_keeps_running_stats_while_unfrozen_ones_update(arch, overrides, tiny_model):
     model = tiny_model(arch, **overrides)
     groups = layer_groups(model)

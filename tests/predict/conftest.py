@@ -1,4 +1,5 @@
 """Fixtures for batch prediction: one tiny trained ensemble (session) and cohorts on disk."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,27 +15,41 @@ def trained_ensemble(tmp_path_factory) -> Path:
     It records the training cases' fingerprint, so the drift check has a reference.
     """
     from bratstune.data.cache import CaseCache
+    from bratstune.data.fingerprint import training_fingerprint
     from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig
     from bratstune.data.synthetic import generate_cohort
-    from bratstune.data.fingerprint import training_fingerprint
     from bratstune.ensemble.package import Ensemble
     from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for
     from bratstune.training.fit import TrainData, fit
 
     root = tmp_path_factory.mktemp("train")
-    generate_cohort(root / "raw", challenge="GLI", cases=5, shape=(32, 32, 32), anatomy="procedural", seed=11, workers=1)
+    generate_cohort(
+        root / "raw", challenge="GLI", cases=5, shape=(32, 32, 32), anatomy="procedural", seed=11, workers=1
+    )
     cases = CaseCache(root / "cache").prepare(discover(root / "raw").cases, PreprocessConfig())
-    config = {"model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_num": 1}},
-              "optim": {"lr": 1.0e-2}, "data": {"patch_size": 24, "num_workers": 0}, "epochs": 2, "steps_per_epoch": 6,
-              "num_threads": 1, "device": "cpu", "amp": "off", "challenge": "GLI",
-              "validation": {"lesion_metrics": False}}
+    config = {
+        "model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_num": 1}},
+        "optim": {"lr": 1.0e-2},
+        "data": {"patch_size": 24, "num_workers": 0},
+        "epochs": 2,
+        "steps_per_epoch": 6,
+        "num_threads": 1,
+        "device": "cpu",
+        "amp": "off",
+        "challenge": "GLI",
+        "validation": {"lesion_metrics": False},
+    }
     result = fit(config, TrainData(train=cases[:4], val=cases[4:], scheme=scheme_for("GLI")), out_dir=root / "fit")
     ensemble = Ensemble.from_members(
-        [result], scheme="brats2023", challenge="GLI", inference=InferenceConfig(overlap=0.25, flips=True),
+        [result],
+        scheme="brats2023",
+        challenge="GLI",
+        inference=InferenceConfig(overlap=0.25, flips=True),
         training_fingerprint=training_fingerprint(c.fingerprint for c in cases),
-        metrics={"val/dice_mean": result.best_metric}, lineage={"data_fingerprint": "test"},
+        metrics={"val/dice_mean": result.best_metric},
+        lineage={"data_fingerprint": "test"},
     )
     return ensemble.save(root / "ensemble")
 
@@ -42,8 +57,16 @@ def trained_ensemble(tmp_path_factory) -> Path:
 def make_cohort(folder: Path, *, cases: int = 3, start: int = 0, seed: int = 5) -> list[str]:
     from bratstune.data.synthetic import generate_cohort
 
-    return generate_cohort(folder, challenge="GLI", cases=cases, shape=(32, 32, 32), anatomy="procedural",
-                           seed=seed, start_index=start, workers=1)
+    return generate_cohort(
+        folder,
+        challenge="GLI",
+        cases=cases,
+        shape=(32, 32, 32),
+        anatomy="procedural",
+        seed=seed,
+        start_index=start,
+        workers=1,
+    )
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
 """Batch prediction: outputs, failures, idempotence, resume, drift flags, report, CLI exit codes."""
+
 from __future__ import annotations
 
 import csv
@@ -53,8 +54,20 @@ def test_mixed_cohort_then_idempotent_then_incremental(trained_ensemble, mixed_c
     rows = {r["case_id"]: r for r in _csv(out / "predictions.csv")}
     assert set(rows) == set(good)
     row = rows[good[0]]
-    for key in ("model", "volume_WT_ml", "volume_TC_ml", "volume_ET_ml", "lesions_WT", "seconds", "load_s",
-                "preprocess_s", "network_s", "postprocess_s", "write_s", "drift"):
+    for key in (
+        "model",
+        "volume_WT_ml",
+        "volume_TC_ml",
+        "volume_ET_ml",
+        "lesions_WT",
+        "seconds",
+        "load_s",
+        "preprocess_s",
+        "network_s",
+        "postprocess_s",
+        "write_s",
+        "drift",
+    ):
         assert key in row
     assert float(row["volume_WT_ml"]) >= float(row["volume_TC_ml"]) >= float(row["volume_ET_ml"])
 
@@ -142,15 +155,43 @@ def test_cli_exit_codes_and_watch(trained_ensemble, mixed_cohort, tmp_path, caps
 
     root, good, *_ = mixed_cohort
     out = tmp_path / "out"
-    code = main(["predict", "--cohort", str(root), "--model", str(trained_ensemble), "--out", str(out),
-                 "--no-mlflow", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--cohort",
+            str(root),
+            "--model",
+            str(trained_ensemble),
+            "--out",
+            str(out),
+            "--no-mlflow",
+            "--no-progress",
+        ]
+    )
     assert code == 1
     text = capsys.readouterr().out
     assert "3 predicted" in text and "FAILED" in text
     good_root = tmp_path / "good"
     make_cohort(good_root, cases=1, seed=4)
-    code = main(["predict", "--watch", str(good_root), "--interval", "0", "--max-polls", "2", "--settle", "0",
-                 "--model", str(trained_ensemble), "--out", str(tmp_path / "out2"), "--no-mlflow", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--watch",
+            str(good_root),
+            "--interval",
+            "0",
+            "--max-polls",
+            "2",
+            "--settle",
+            "0",
+            "--model",
+            str(trained_ensemble),
+            "--out",
+            str(tmp_path / "out2"),
+            "--no-mlflow",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "1 predicted" in text and "0 predicted, 1 already done" in text

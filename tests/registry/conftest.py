@@ -3,6 +3,7 @@
 Training adds nothing to what these tests check (packaging, integrity, promotion gate, bit-exact
 reload), so members are ``build_network`` + a fixed seed: deterministic and instant.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-TINY = {"model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_num": 1}},
-        "data": {"patch_size": [24, 24, 24]}, "challenge": "GLI"}
+TINY = {
+    "model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_num": 1}},
+    "data": {"patch_size": [24, 24, 24]},
+    "challenge": "GLI",
+}
 
 
 def make_member(seed: int, name: str | None = None, metrics: dict | None = None):
-    from bratstune.ensemble.package import Member
+    from bratstune.ensemble.member import Member
     from bratstune.labels import scheme_for
-    from bratstune.training.network import build_network, resolve_config
     from bratstune.training.config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
 
     config = resolve_config(load_train_config(TINY))
     torch.manual_seed(seed)
@@ -32,8 +36,13 @@ def make_ensemble(seeds=(0, 1), *, metric: float = 0.5, **kwargs):
     from bratstune.inference.sliding_window import InferenceConfig
 
     kwargs.setdefault("inference", InferenceConfig(overlap=0.25, flips=True))
-    return Ensemble.from_members([make_member(s) for s in seeds], scheme="brats2023", challenge="GLI",
-                                 metrics={"val/dice_mean": metric}, **kwargs)
+    return Ensemble.from_members(
+        [make_member(s) for s in seeds],
+        scheme="brats2023",
+        challenge="GLI",
+        metrics={"val/dice_mean": metric},
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="session")

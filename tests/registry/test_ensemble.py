@@ -1,4 +1,5 @@
 """Ensemble packaging: TTA views, save/load round trip, manifest integrity, validation."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from bratstune.ensemble.package import Ensemble, IntegrityError
+from bratstune.ensemble.manifest import IntegrityError
+from bratstune.ensemble.package import Ensemble
 from bratstune.errors import ConfigError
-from bratstune.inference.sliding_window import InferenceConfig, apply_view, invert_view, probabilities_on_grid, tta_views
+from bratstune.inference.sliding_window import InferenceConfig, probabilities_on_grid
+from bratstune.inference.views import apply_view, invert_view, tta_views
 
 from .conftest import make_ensemble, make_member  # noqa: F401  (importlib mode: package-relative)
 
 
-@pytest.mark.parametrize("flips, rotate, count", [(False, False, 1), (True, False, 8), (True, True, 10), (False, True, 3)])
+@pytest.mark.parametrize(
+    "flips, rotate, count", [(False, False, 1), (True, False, 8), (True, True, 10), (False, True, 3)]
+)
 def test_tta_view_count(flips, rotate, count):
     views = tta_views(flips=flips, rotate90=rotate)
     assert len(views) == count and views[0].flips == () and views[0].k == 0
@@ -109,7 +114,8 @@ def test_from_members_validates():
 
     a = make_member(0)
     b = make_member(1)
-    b = replace(b, config=replace(b.config, loss=replace(b.config.loss, mode="label")))
+    b = replace(b, config={**b.config, "loss": {**b.config["loss"], "mode": "label"}})
+    assert b.spec.mode == "label"
     with pytest.raises(ConfigError, match="output modes"):
         Ensemble.from_members([a, b], scheme="brats2023")
     with pytest.raises(ConfigError, match="unknown region"):
@@ -123,8 +129,12 @@ def test_drift_flags():
     from bratstune.predict.drift import check_drift
 
     def fp(scale=1.0, orientation=("R", "A", "S"), spacing=(1.0, 1.0, 1.0)):
-        return {"shape": [240, 240, 155], "spacing": list(spacing), "orientation": list(orientation),
-                "intensity": {"t1n": {"p1": 10 * scale, "p50": 100 * scale, "p99": 300 * scale}}}
+        return {
+            "shape": [240, 240, 155],
+            "spacing": list(spacing),
+            "orientation": list(orientation),
+            "intensity": {"t1n": {"p1": 10 * scale, "p50": 100 * scale, "p99": 300 * scale}},
+        }
 
     reference = training_fingerprint([fp(1.0), fp(1.1), fp(0.9)])
     assert check_drift(fp(1.05), reference) == []

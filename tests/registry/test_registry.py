@@ -1,4 +1,5 @@
 """MLflow registry: pyfunc packaging, promotion gate, fresh-process reload, tampering, listing."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bratstune.ensemble.package import IntegrityError
-from bratstune.ensemble.registry import CHAMPION, PREVIOUS, load_ensemble, promote, register_ensemble
+from bratstune.ensemble.manifest import IntegrityError
+from bratstune.ensemble.promotion import CHAMPION, PREVIOUS, promote
+from bratstune.ensemble.registry import load_ensemble, register_ensemble
 
 from .conftest import make_ensemble, random_image
 
@@ -102,9 +104,21 @@ def test_fresh_process_reproduces_prediction_bit_for_bit(mlflow_store, tmp_path)
         np.save(sys.argv[3], model.predict(image))
     """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "image.npy"), str(tmp_path / "probs.npy"),
-                           str(tmp_path / "labels.npy")], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "image.npy"),
+            str(tmp_path / "probs.npy"),
+            str(tmp_path / "labels.npy"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = np.load(tmp_path / "probs.npy")
     assert fresh.dtype == np.float32 and fresh.shape == (3, *image.shape[1:])
@@ -123,7 +137,7 @@ def test_tampered_registered_weights_are_refused(mlflow_store, tmp_path):
     # tamper with the stored artifact of this version itself (what every later download gets)
     client = MlflowClient()
     location = client.get_model_version_download_uri(name, version)
-    store = Path(location[len("file://"):]) if location.startswith("file://") else Path(location)
+    store = Path(location[len("file://") :]) if location.startswith("file://") else Path(location)
     stored = list(store.rglob("00-seed0.safetensors"))
     assert len(stored) == 1, stored
     for path in stored:
@@ -142,16 +156,22 @@ def test_promote_job_from_member_folders(mlflow_store, tmp_path, capsys):
     """jobs/promote_ensemble.py with two trained-model folders and a training cohort."""
     import torch
 
-    from bratstune.training.checkpoint import save_best
     from bratstune.data.synthetic import generate_cohort
+    from bratstune.training.checkpoint import save_best
 
     from .conftest import make_member
 
     folders = []
     for seed, value in ((0, 0.4), (1, 0.6)):
         member = make_member(seed)
-        folders.append(save_best(tmp_path / f"m{seed}" / "best", model=member.model, config=member.config.to_dict(),
-                                 metrics={METRIC: value, "epoch": 1.0}))
+        folders.append(
+            save_best(
+                tmp_path / f"m{seed}" / "best",
+                model=member.model,
+                config=dict(member.config),
+                metrics={METRIC: value, "epoch": 1.0},
+            )
+        )
     generate_cohort(tmp_path / "train", cases=2, shape=(32, 32, 32), anatomy="procedural", workers=1)
     (tmp_path / "post.yaml").write_text("thresholds: {WT: 0.45, ET: 0.55}\npostprocess: {min_size: {ET: 4}}\n")
     job = Path(__file__).resolve().parents[2] / "jobs" / "promote_ensemble.py"
@@ -162,8 +182,22 @@ def test_promote_job_from_member_folders(mlflow_store, tmp_path, capsys):
         spec = importlib.util.spec_from_file_location("promote_ensemble_job", job)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        code = module.main(["--members", *map(str, folders), "--name", "bratstune-job", "--data", str(tmp_path / "train"), "--tta", "none",
-                            "--thresholds", str(tmp_path / "post.yaml"), "--search-run", "s123"])
+        code = module.main(
+            [
+                "--members",
+                *map(str, folders),
+                "--name",
+                "bratstune-job",
+                "--data",
+                str(tmp_path / "train"),
+                "--tta",
+                "none",
+                "--thresholds",
+                str(tmp_path / "post.yaml"),
+                "--search-run",
+                "s123",
+            ]
+        )
     finally:
         sys.path.remove(str(job.parent))
     assert code == 0

@@ -94,7 +94,8 @@ def test_gli_to_ped_remaps_head(tmp_path, tmp_path_factory, source_dir, caplog):
 
     from bratstune.labels import scheme_for
     from bratstune.transfer import finetune, load_source, prepare_target, remap_head
-    from bratstune.training.validate import decode_prediction, predict_probabilities
+    from bratstune.inference.outputs import decode_prediction
+    from bratstune.inference.sliding_window import predict_probabilities
 
     source = load_source(source_dir)
     ped = scheme_for("PED")

@@ -1,4 +1,5 @@
 """`bratstune evaluate`: BraTS lesion-wise metrics of predictions against ground truth."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,43 +10,66 @@ import re
 import time
 from pathlib import Path
 
-HELP = "BraTS lesion-wise Dice/HD95 (brats2023 or brats2026 protocol) of a prediction file or folder"
+import numpy as np
+
+from bratstune.data.layout import discover
+from bratstune.data.nifti import is_nifti, nifti_stem, read_volume
+from bratstune.errors import ConfigError, DataError
+from bratstune.inference.postprocess import PostprocessConfig, postprocess
+from bratstune.labels import scheme_for
+from bratstune.metrics import lesion_wise
 
 PROTOCOLS = ("brats2023", "brats2026")  # = bratstune.metrics.PROTOCOLS (checked by a test)
 # columns of the per-case CSV, after case and region
 COLUMNS = (
-    "lesionwise_dice", "lesionwise_hd95", "legacy_dice", "legacy_hd95", "num_tp", "num_fp", "num_fn",
-    "sensitivity", "specificity", "precision", "recall", "f1", "iou", "gt_volume", "pred_volume",
+    "lesionwise_dice",
+    "lesionwise_hd95",
+    "legacy_dice",
+    "legacy_hd95",
+    "num_tp",
+    "num_fp",
+    "num_fn",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "recall",
+    "f1",
+    "iou",
+    "gt_volume",
+    "pred_volume",
 )
 _SEG_SUFFIX = re.compile(r"[-_]seg$", re.IGNORECASE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="prediction NIfTI file, or folder of <case_id>.nii.gz files")
-    parser.add_argument("--gt", required=True,
-                        help="ground-truth label file, or a cohort folder (BraTS layout) / folder of label files")
+    parser.add_argument(
+        "--gt", required=True, help="ground-truth label file, or a cohort folder (BraTS layout) / folder of label files"
+    )
     parser.add_argument("--challenge", required=True, help="GLI, SSA, MEN, MET, PED (brats2026 also GoAT, MEN-RT)")
-    parser.add_argument("--protocol", default="brats2023", choices=PROTOCOLS, help="evaluation rules (default brats2023)")
+    parser.add_argument(
+        "--protocol", default="brats2023", choices=PROTOCOLS, help="evaluation rules (default brats2023)"
+    )
     parser.add_argument("--penalised", action="store_true", help="brats2026: BraTS-MET penalised lesion-wise means")
     parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON")
     parser.add_argument("--out", metavar="DIR", help="write <case_id>.csv per case and summary.csv here")
-    parser.add_argument("--postprocess", nargs="?", const="", default=None, metavar="SPEC",
-                        help="post-process predictions first, also reporting the scores without it; SPEC like "
-                        "'min_size_ET=20,min_size_TC=50,min_size_WT=100' (empty: hole filling only)")
+    parser.add_argument(
+        "--postprocess",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SPEC",
+        help="post-process predictions first, also reporting the scores without it; SPEC like "
+        "'min_size_ET=20,min_size_TC=50,min_size_WT=100' (empty: hole filling only)",
+    )
 
 
 def _case_key(path: Path) -> str:
-    from bratstune.data.nifti import nifti_stem
-
     return _SEG_SUFFIX.sub("", nifti_stem(path))
 
 
 def _gt_files(root: Path) -> dict[str, Path]:
     """case id → label file, from a BraTS cohort folder or a flat folder of label files."""
-    from bratstune.data.layout import discover
-    from bratstune.data.nifti import is_nifti
-    from bratstune.errors import DataError
-
     try:
         cohort = discover(root, strict=False)
         found = {c.case_id: c.label for c in cohort.cases if c.label is not None}
@@ -68,9 +92,6 @@ def _pred_for(case_id: str, preds: dict[str, Path]) -> Path | None:
 
 
 def _pairs(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
-    from bratstune.data.nifti import is_nifti
-    from bratstune.errors import DataError
-
     if not gt.exists():
         raise DataError(gt, "does not exist")
     if not pred.exists():
@@ -93,17 +114,15 @@ def _pairs(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
         else:
             pairs.append((case_id, match, label))
     if missing:
-        raise DataError(pred, f"no prediction for {len(missing)} case(s): {', '.join(missing[:5])}"
-                        + (" ..." if len(missing) > 5 else ""))
+        raise DataError(
+            pred,
+            f"no prediction for {len(missing)} case(s): {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else ""),
+        )
     return pairs
 
 
 def _load(path: Path):
-    import numpy as np
-
-    from bratstune.data.nifti import read_volume
-    from bratstune.errors import DataError
-
     arr, img = read_volume(path, dtype=None)
     if arr.dtype.kind == "f":
         if not np.array_equal(arr, np.round(arr)):
@@ -116,8 +135,6 @@ def _load(path: Path):
 
 
 def _parse_spec(spec: str) -> dict:
-    from bratstune.errors import ConfigError
-
     mapping: dict = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" not in item:
@@ -134,18 +151,10 @@ def _fmt(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from bratstune.errors import DataError
-    from bratstune.metrics import lesion_wise
-
     start = time.perf_counter()
     pairs = _pairs(Path(args.pred), Path(args.gt))
     post = None
     if args.postprocess is not None:
-        from bratstune.labels import scheme_for
-        from bratstune.inference.postprocess import PostprocessConfig, postprocess
-
         config = PostprocessConfig.from_mapping(_parse_spec(args.postprocess))
         scheme = scheme_for(args.challenge, 2023 if args.protocol == "brats2023" else 2025)
         post = (lambda labels: postprocess(labels, scheme, config), config)
@@ -160,18 +169,22 @@ def run(args: argparse.Namespace) -> int:
         if not np.allclose(spacing, gt_spacing, atol=1e-3):
             raise DataError(pred_path, f"voxel spacing {spacing} differs from the ground truth's {gt_spacing}")
         try:
-            results["raw"][case_id] = lesion_wise(pred, gt, args.challenge, args.protocol, gt_spacing,
-                                                  penalised=args.penalised)
+            results["raw"][case_id] = lesion_wise(
+                pred, gt, args.challenge, args.protocol, gt_spacing, penalised=args.penalised
+            )
             if post:
-                results["postprocessed"][case_id] = lesion_wise(post[0](pred), gt, args.challenge, args.protocol,
-                                                                gt_spacing, penalised=args.penalised)
+                results["postprocessed"][case_id] = lesion_wise(
+                    post[0](pred), gt, args.challenge, args.protocol, gt_spacing, penalised=args.penalised
+                )
         except ValueError as exc:
             raise DataError(pred_path, str(exc)) from exc
 
     summaries = {v: _summary(results[v]) for v in variants}
     regions = list(next(iter(results["raw"].values())))
-    print(f"{len(pairs)} case(s), protocol {args.protocol}, challenge {args.challenge.upper()} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"{len(pairs)} case(s), protocol {args.protocol}, challenge {args.challenge.upper()} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     header = f"{'':>14}" + "".join(f"{r:>10}" for r in regions)
     print(header)
     for v in variants:
@@ -188,8 +201,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(per_case: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Mean over cases of each numeric metric, per region (NaN-aware; inf kept)."""
-    import numpy as np
-
     out: dict[str, dict[str, float]] = {}
     for values in per_case.values():
         for region, metrics in values.items():
@@ -235,7 +246,10 @@ def _write_json(path: Path, args, results, summaries, config) -> None:
     if "postprocessed" in results:
         doc["postprocess"] = config.to_dict()
         pp = results["postprocessed"]
-        doc["postprocessed"] = (next(iter(pp.values())) if len(pp) == 1 else
-                                {"cases": {k: {"regions": v} for k, v in pp.items()}, "summary": summaries["postprocessed"]})
+        doc["postprocessed"] = (
+            next(iter(pp.values()))
+            if len(pp) == 1
+            else {"cases": {k: {"regions": v} for k, v in pp.items()}, "summary": summaries["postprocessed"]}
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))

@@ -1,16 +1,22 @@
 """`bratstune models list [--name NAME]`: registered ensembles, versions, aliases and metrics."""
+
 from __future__ import annotations
 
 import argparse
 import math
 
-HELP = "list registered models: names, versions, aliases (champion, previous) and metrics"
+import mlflow
+
+from bratstune.ensemble.registry import list_models
+from bratstune.tracking.runs import tracking_uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list"], help="what to do (list)")
     parser.add_argument("--name", help="only this registered model (e.g. bratstune-gli)")
-    parser.add_argument("--all-metrics", action="store_true", help="print every recorded metric, not only the selection metric")
+    parser.add_argument(
+        "--all-metrics", action="store_true", help="print every recorded metric, not only the selection metric"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -18,11 +24,6 @@ def _fmt(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from bratstune.ensemble.registry import list_models
-    from bratstune.tracking.runs import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri())
     rows = list_models(args.name)
     if not rows:
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
         aliases = ",".join(row["aliases"]) or "-"
         if row["forced"]:
             aliases += " (forced)"
-        print(f"{row['name']:<24} {row['version']:>7}  {aliases:<20} {str(row['metric'] or '-'):<24} "
-              f"{_fmt(row['value']):>8}  {row['created']:<16} {row['run_id'] or '-'}")
+        print(
+            f"{row['name']:<24} {row['version']:>7}  {aliases:<20} {str(row['metric'] or '-'):<24} "
+            f"{_fmt(row['value']):>8}  {row['created']:<16} {row['run_id'] or '-'}"
+        )
         if args.all_metrics:
             for key, value in sorted(row["metrics"].items()):
                 print(f"{'':<34}{key:<34} {_fmt(value)}")

@@ -9,6 +9,7 @@ uses N Ray actors (local Ray started here, or ``--address`` / ``RAY_ADDRESS``).
 1 when a case failed (see failures.csv), 2 on a usage error. ``jobs/batch_predict.py`` is this
 command as a job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,17 +17,20 @@ import logging
 import os
 from pathlib import Path
 
+import bratstune
 from bratstune.errors import ConfigError
-
-HELP = "predict a cohort (or watch an inbox) with a registered ensemble: NIfTI + table + QC report"
+from bratstune.predict.batch import BatchSummary, predict_cohort, watch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--cohort", type=Path, help="folder of cases (any BraTS / MSD layout)")
     source.add_argument("--watch", type=Path, metavar="INBOX", help="poll this folder for new cohorts / cases")
-    parser.add_argument("--model", default="models:/bratstune-gli@champion",
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/ensemble or a folder")
+    parser.add_argument(
+        "--model",
+        default="models:/bratstune-gli@champion",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/ensemble or a folder",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--workers", type=int, default=1, help="parallel workers (1: in-process, no Ray)")
     parser.add_argument("--threads", type=int, help="torch threads per worker")
@@ -35,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-thumbnails", action="store_true", help="skip the QC thumbnails")
     parser.add_argument("--interval", type=float, default=60.0, help="--watch: seconds between polls")
     parser.add_argument("--max-polls", type=int, help="--watch: stop after this many polls")
-    parser.add_argument("--settle", type=float, help="leave cases whose files changed in the last S seconds "
-                        "(default 0, 10 with --watch)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="leave cases whose files changed in the last S seconds (default 0, 10 with --watch)",
+    )
     parser.add_argument("--experiment", default="bratstune-predict", help="MLflow experiment of the batch runs")
     parser.add_argument("--no-mlflow", action="store_true", help="do not record an MLflow run")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
@@ -44,29 +51,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _init_ray(args: argparse.Namespace) -> None:
-    import ray
+    if args.workers <= 1:
+        return
+    # Deferred: Ray takes seconds to import and only multi-worker runs use it.
+    import ray  # noqa: PLC0415
 
-    if args.workers <= 1 or ray.is_initialized():
+    if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
-        import bratstune
-
         ray.init(address=address, runtime_env={"py_modules": [str(Path(bratstune.__file__).parent)]})
     else:
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bratstune.predict.batch import predict_cohort, watch
-
     if args.workers < 1:
         raise ConfigError(f"--workers: expected >= 1, got {args.workers}")
     logging.getLogger("bratstune.predict.batch").setLevel(logging.INFO)
-    options = dict(workers=args.workers, force=args.force, device=args.device, threads=args.threads,
-                   thumbnails=not args.no_thumbnails, progress=not args.no_progress,
-                   experiment=None if args.no_mlflow else args.experiment)
+    options = dict(
+        workers=args.workers,
+        force=args.force,
+        device=args.device,
+        threads=args.threads,
+        thumbnails=not args.no_thumbnails,
+        progress=not args.no_progress,
+        experiment=None if args.no_mlflow else args.experiment,
+    )
     _init_ray(args)
     if args.cohort is not None:
         if args.settle is not None:
@@ -78,25 +90,34 @@ def run(args: argparse.Namespace) -> int:
         options["settle_s"] = args.settle
     failed = False
 
-    def on_batch(summary) -> None:
+    def on_batch(summary: BatchSummary) -> None:
         nonlocal failed
         _print(summary)
         failed = failed or not summary.ok
 
     try:
-        watch(args.watch, args.model, args.out, interval=args.interval, max_polls=args.max_polls,
-              on_batch=on_batch, **options)
+        watch(
+            args.watch,
+            args.model,
+            args.out,
+            interval=args.interval,
+            max_polls=args.max_polls,
+            on_batch=on_batch,
+            **options,
+        )
     except KeyboardInterrupt:
         print("stopped")
     return 1 if failed else 0
 
 
-def _print(summary) -> None:
+def _print(summary: BatchSummary) -> None:
     print(f"{summary.model}: {summary.line()}")
     for f in summary.failures:
         print(f"  FAILED {f['case_id']}: {f['reason']}")
     for case_id in summary.flagged:
         row = next(r for r in summary.rows if r["case_id"] == case_id)
         print(f"  drift {case_id}: {row['drift']}")
-    print(f"outputs in {summary.out} (predictions.csv, failures.csv, report.html)"
-          + (f"; MLflow run {summary.mlflow_run_id}" if summary.mlflow_run_id else ""))
+    print(
+        f"outputs in {summary.out} (predictions.csv, failures.csv, report.html)"
+        + (f"; MLflow run {summary.mlflow_run_id}" if summary.mlflow_run_id else "")
+    )

@@ -16,6 +16,7 @@ hierarchy from the innermost region out; for the BraTS 2023 scheme:
 Every option is per region and plain data, so a search can tune it (``PostprocessConfig.from_mapping``
 accepts nested ``{"min_size": {"ET": 20}}`` and flat ``{"min_size_ET": 20}`` keys).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,9 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from bratstune.config_utils import suggest
 from bratstune.errors import ConfigError
+from bratstune.labels import get_scheme
 from bratstune.metrics.components import case_box, region_mask
 
 logger = logging.getLogger(__name__)
@@ -70,12 +73,10 @@ class PostprocessConfig:
             holes = {str(k).upper(): bool(v) for k, v in dict(holes_value or {}).items()}
         for key, value in mapping.items():
             if key.startswith("min_size_"):
-                min_size[key[len("min_size_"):].upper()] = int(value)
+                min_size[key[len("min_size_") :].upper()] = int(value)
             elif key.startswith("fill_holes_"):
-                holes[key[len("fill_holes_"):].upper()] = bool(value)
+                holes[key[len("fill_holes_") :].upper()] = bool(value)
             else:
-                from bratstune.config_utils import suggest
-
                 raise ConfigError(
                     f"unknown postprocess key {key!r}{suggest(key, ['min_size', 'fill_holes', 'fill_holes_default'])}; "
                     "expected min_size, fill_holes, fill_holes_default, min_size_<REGION>, fill_holes_<REGION>"
@@ -83,8 +84,11 @@ class PostprocessConfig:
         return cls(min_size=min_size, fill_holes=holes, fill_holes_default=default)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_size": dict(self.min_size), "fill_holes": dict(self.fill_holes),
-                "fill_holes_default": self.fill_holes_default}
+        return {
+            "min_size": dict(self.min_size),
+            "fill_holes": dict(self.fill_holes),
+            "fill_holes_default": self.fill_holes_default,
+        }
 
     def fills(self, region: str) -> bool:
         return bool(self.fill_holes.get(region, self.fill_holes_default))
@@ -144,15 +148,15 @@ def postprocess(labels: np.ndarray, scheme, config: PostprocessConfig | Mapping[
     Returns:
         A new label map of the same dtype.
     """
-    from bratstune.labels import get_scheme
-
     scheme = get_scheme(scheme) if not hasattr(scheme, "decode") else scheme
     if not isinstance(config, PostprocessConfig):
         config = PostprocessConfig.from_mapping(config)
     unknown = sorted(set(config.min_size) - set(scheme.regions))
     if unknown:
-        raise ConfigError(f"postprocess min_size names regions {unknown} not in scheme {scheme.name} "
-                          f"(regions: {sorted(scheme.regions)})")
+        raise ConfigError(
+            f"postprocess min_size names regions {unknown} not in scheme {scheme.name} "
+            f"(regions: {sorted(scheme.regions)})"
+        )
     arr = np.asarray(labels)
     if arr.ndim != 3:
         raise ValueError(f"labels must be (X, Y, Z), got shape {arr.shape}")
@@ -174,4 +178,3 @@ def postprocess(labels: np.ndarray, scheme, config: PostprocessConfig | Mapping[
         logger.debug("postprocess %s: removed %d dust voxels, filled %d voxels of %s", region, removed, filled, parent)
     out[box] = sub
     return out
-

@@ -2,8 +2,11 @@
 
 ``build_model(name, in_channels, out_channels, **kw)`` builds a MONAI network by name;
 ``layer_groups`` / ``freeze`` / ``trainable_parameters`` work on the named groups
-``encoder``, ``middle``, ``decoder``, ``head`` of every architecture.
+``encoder``, ``middle``, ``decoder``, ``head`` of every architecture. ``network`` rebuilds a
+trained network from its saved training config (:class:`NetworkSpec`, :func:`build_network`,
+:func:`load_model_weights`) without importing the training loop.
 """
+
 from __future__ import annotations
 
 from bratstune.models.factory import (
@@ -20,20 +23,25 @@ from bratstune.models.freeze import (
     unfreeze,
 )
 from bratstune.models.groups import GROUPS, architecture_of, group_of, layer_groups, parameter_groups
+from bratstune.models.network import NetworkSpec, build_network, load_model_weights, output_channels
 from bratstune.models.topology import nnunet_topology
 
 __all__ = [
     "ARCHITECTURES",
     "GROUPS",
+    "NetworkSpec",
     "architecture_of",
     "architecture_options",
     "build_model",
+    "build_network",
     "count_parameters",
     "freeze",
     "frozen_parameter_names",
     "group_of",
     "layer_groups",
+    "load_model_weights",
     "nnunet_topology",
+    "output_channels",
     "parameter_groups",
     "set_train_mode",
     "trainable_parameters",

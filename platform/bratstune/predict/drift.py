@@ -2,7 +2,7 @@
 
 The per-case fingerprint is :func:`bratstune.data.preprocess.intensity_fingerprint` of the raw
 volume (percentiles 1/50/99 of each modality inside the brain, shape, spacing, orientation).
-:func:`training_fingerprint` summarises the fingerprints of the training cases::
+:func:`bratstune.data.fingerprint.training_fingerprint` summarises the fingerprints of the training cases::
 
     {"cases": n, "shape": {"min": [..], "max": [..]}, "spacing": {"min": [..], "max": [..]},
      "orientation": ["RAS"], "intensity": {"t1n": {"p1": {"min", "max", "median"}, "p50": ..., "p99": ...}}}
@@ -18,11 +18,13 @@ into ``predictions.csv`` and the QC report. Rules (tolerances in :class:`DriftTo
   by ``intensity_spread`` x its width on each side (the width is at least
   ``min_relative_width`` x the training median, so a single training case still has a range).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +33,6 @@ from bratstune.data.fingerprint import PERCENTILES
 logger = logging.getLogger(__name__)
 
 __all__ = ["DriftTolerance", "check_drift"]
-
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DriftTolerance:
 def check_drift(
     case: Mapping[str, Any], reference: Mapping[str, Any], tolerance: DriftTolerance | None = None
 ) -> list[str]:
-    """Flags for one case fingerprint against a :func:`training_fingerprint` (empty = no drift)."""
+    """Flags for one case fingerprint against a :func:`~bratstune.data.fingerprint.training_fingerprint` (empty = no drift)."""
     if not reference or not case:
         return []
     tol = tolerance or DriftTolerance()

@@ -1,7 +1,7 @@
 """What batch prediction reports per case and per cohort: region statistics, QC thumbnails, HTML.
 
-* :func:`region_stats`: volume (mL) and lesion count (26-connected components) of every
-  evaluated region of the scheme;
+* region volumes (mL) and lesion counts per case come from
+  :func:`bratstune.metrics.volumes.region_stats`;
 * :func:`save_thumbnail`: one PNG per case, three orthogonal FLAIR slices through the tumour
   centre with the labels overlaid (legend = scheme labels);
 * :func:`save_summary_plot`: cohort summary (region volumes and lesion counts per region, one point
@@ -10,36 +10,26 @@
 
 Matplotlib is used through its object API with the Agg canvas (no global backend change).
 """
+
 from __future__ import annotations
 
 import html
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from bratstune.inference.outputs import label_values, labels_to_classes
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["region_stats", "save_summary_plot", "save_thumbnail", "write_report"]
+__all__ = ["save_summary_plot", "save_thumbnail", "write_report"]
 
 PALETTE = ("#e41a1c", "#4daf4a", "#377eb8", "#ff7f00", "#984ea3", "#ffff33")
-
-
-def region_stats(labels: np.ndarray, scheme: Any, spacing: Sequence[float]) -> dict[str, float | int]:
-    """``volume_<R>_ml`` and ``lesions_<R>`` for every region ``R`` of ``scheme``."""
-    from bratstune.metrics.components import components, region_mask
-
-    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
-    out: dict[str, float | int] = {}
-    labels = np.ascontiguousarray(labels)
-    for region, values in scheme.regions.items():
-        mask = region_mask(labels, values)
-        out[f"volume_{region}_ml"] = round(float(mask.sum()) * voxel_ml, 3)
-        out[f"lesions_{region}"] = components(mask)[1] if mask.any() else 0
-    return out
 
 
 def _centre(labels: np.ndarray) -> tuple[int, int, int]:
@@ -48,8 +38,16 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     return tuple(s // 2 for s in labels.shape)  # type: ignore[return-value]
 
 
-def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: Any, *, title: str,
-                   channel: int = -1, flagged: bool = False) -> Path:
+def save_thumbnail(
+    path: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    scheme: Any,
+    *,
+    title: str,
+    channel: int = -1,
+    flagged: bool = False,
+) -> Path:
     """Axial, coronal and sagittal slices of ``image[channel]`` through the tumour centre, labels overlaid.
 
     Args:
@@ -59,11 +57,10 @@ def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: An
         title: figure title (case id, volumes).
         flagged: draw the title in red (drift flags).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-
-    from bratstune.training.validate import label_values, labels_to_classes
+    # Deferred: matplotlib is heavy; only runs with thumbnails draw.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     values = label_values(scheme)
     cmap = ListedColormap(list(PALETTE[: max(1, len(values))]))
@@ -71,8 +68,11 @@ def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: An
     brain = volume[volume != 0]
     vmax = float(np.percentile(brain, 99.5)) if brain.size else 1.0
     x, y, z = _centre(labels)
-    planes = (("axial", volume[:, :, z], labels[:, :, z]), ("coronal", volume[:, y, :], labels[:, y, :]),
-              ("sagittal", volume[x, :, :], labels[x, :, :]))
+    planes = (
+        ("axial", volume[:, :, z], labels[:, :, z]),
+        ("coronal", volume[:, y, :], labels[:, y, :]),
+        ("sagittal", volume[x, :, :], labels[x, :, :]),
+    )
     fig = Figure(figsize=(7.5, 2.9), dpi=80)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -80,8 +80,15 @@ def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: An
         ax.imshow(background.T, cmap="gray", origin="lower", vmin=0, vmax=vmax or None)
         classes = labels_to_classes(seg, scheme).T.astype(float)
         if classes.any():
-            ax.imshow(np.ma.masked_equal(classes, 0) - 1, cmap=cmap, vmin=0, vmax=max(1, len(values) - 1),
-                      alpha=0.55, origin="lower", interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_equal(classes, 0) - 1,
+                cmap=cmap,
+                vmin=0,
+                vmax=max(1, len(values) - 1),
+                alpha=0.55,
+                origin="lower",
+                interpolation="nearest",
+            )
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=8, color="#c00000" if flagged else "black")
@@ -96,8 +103,9 @@ def save_thumbnail(path: Path, image: np.ndarray, labels: np.ndarray, scheme: An
 
 def save_summary_plot(path: Path, rows: Sequence[Mapping[str, Any]], scheme: Any) -> Path | None:
     """Region volumes and lesion counts across the cohort (one point per case, red = drift flag)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    # Deferred: matplotlib is heavy; see save_thumbnail.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     if not rows:
         return None
@@ -140,50 +148,94 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def write_report(path: Path, *, rows: Sequence[Mapping[str, Any]], failures: Sequence[Mapping[str, Any]],
-                 scheme: Any, model: str, summary_png: Path | None, counts: Mapping[str, int]) -> Path:
+_STYLE = (
+    "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}"
+    ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;width:610px}"
+    "td:first-child{white-space:nowrap}.card img{width:600px}.flag{color:#c00000;font-weight:bold}.ok{color:#2a7d2a}"
+    ".fail td{text-align:left}"
+)
+
+
+def _counts_table(counts: Mapping[str, int]) -> str:
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(k)}</th>" for k in counts)
+        + "</tr><tr>"
+        + "".join(f"<td>{v}</td>" for v in counts.values())
+        + "</tr></table>"
+    )
+
+
+def _failures_table(failures: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not failures:
+        return []
+    return [
+        "<h2>Failures</h2><table class='fail'><tr><th>case</th><th>reason</th></tr>",
+        *(
+            f"<tr><td>{html.escape(str(f['case_id']))}</td><td>{html.escape(str(f['reason']))}</td></tr>"
+            for f in failures
+        ),
+        "</table>",
+    ]
+
+
+def _case_row(r: Mapping[str, Any], regions: Sequence[str]) -> str:
+    drift = r.get("drift") or ""
+    case_id = html.escape(str(r["case_id"]))
+    cells = "".join(
+        f"<td>{_cell(r.get(f'volume_{g}_ml', ''))}</td><td>{_cell(r.get(f'lesions_{g}', ''))}</td>" for g in regions
+    )
+    flag = f"<td class='flag' style='text-align:left'>{html.escape(drift)}</td>" if drift else "<td class='ok'>ok</td>"
+    return (
+        f"<tr><td style='text-align:left'><a href='#{case_id}'>{case_id}</a></td>{cells}"
+        f"<td>{_cell(r.get('seconds', ''))}</td>{flag}</tr>"
+    )
+
+
+def _case_card(r: Mapping[str, Any]) -> str:
+    thumb = r.get("thumbnail")
+    drift = r.get("drift") or ""
+    case_id = html.escape(str(r["case_id"]))
+    img = f"<img src='{html.escape(str(thumb))}' alt='{case_id}'>" if thumb else ""
+    flag = f"<div class='flag'>drift: {html.escape(drift)}</div>" if drift else ""
+    return f"<div class='card' id='{case_id}'><b>{case_id}</b>{img}{flag}</div>"
+
+
+def write_report(
+    path: Path,
+    *,
+    rows: Sequence[Mapping[str, Any]],
+    failures: Sequence[Mapping[str, Any]],
+    scheme: Any,
+    model: str,
+    summary_png: Path | None,
+    counts: Mapping[str, int],
+) -> Path:
     """Write ``report.html`` (relative links to ``qc/*.png`` next to it)."""
     path = Path(path)
     regions = list(scheme.regions)
-    style = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}"
-             ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;width:610px}"
-             "td:first-child{white-space:nowrap}.card img{width:600px}.flag{color:#c00000;font-weight:bold}.ok{color:#2a7d2a}"
-             ".fail td{text-align:left}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bratstune batch prediction</title>"
-             f"<style>{style}</style></head><body>",
-             f"<h1>Batch prediction report</h1><p>model <b>{html.escape(model)}</b> &middot; scheme "
-             f"{html.escape(scheme.name)} &middot; {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
-             "<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in counts) + "</tr><tr>"
-             + "".join(f"<td>{v}</td>" for v in counts.values()) + "</tr></table>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>bratstune batch prediction</title>"
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>Batch prediction report</h1><p>model <b>{html.escape(model)}</b> &middot; scheme "
+        f"{html.escape(scheme.name)} &middot; {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        _counts_table(counts),
+    ]
     if summary_png is not None:
-        parts.append(f"<h2>Cohort summary</h2><img src='{html.escape(os.path.relpath(summary_png, path.parent))}' "
-                     "alt='cohort summary'>")
-    if failures:
-        parts.append("<h2>Failures</h2><table class='fail'><tr><th>case</th><th>reason</th></tr>")
-        parts.extend(f"<tr><td>{html.escape(str(f['case_id']))}</td><td>{html.escape(str(f['reason']))}</td></tr>"
-                     for f in failures)
-        parts.append("</table>")
-    parts.append(f"<h2>Cases ({len(rows)})</h2><table><tr><th>case</th>"
-                 + "".join(f"<th>{r} mL</th><th>{r} lesions</th>" for r in regions)
-                 + "<th>seconds</th><th>drift</th></tr>")
-    for r in rows:
-        drift = r.get("drift") or ""
-        parts.append(f"<tr><td style='text-align:left'><a href='#{html.escape(str(r['case_id']))}'>"
-                     f"{html.escape(str(r['case_id']))}</a></td>"
-                     + "".join(f"<td>{_cell(r.get(f'volume_{g}_ml', ''))}</td><td>{_cell(r.get(f'lesions_{g}', ''))}</td>"
-                               for g in regions)
-                     + f"<td>{_cell(r.get('seconds', ''))}</td>"
-                     + (f"<td class='flag' style='text-align:left'>{html.escape(drift)}</td>" if drift
-                        else "<td class='ok'>ok</td>") + "</tr>")
+        parts.append(
+            f"<h2>Cohort summary</h2><img src='{html.escape(os.path.relpath(summary_png, path.parent))}' "
+            "alt='cohort summary'>"
+        )
+    parts.extend(_failures_table(failures))
+    parts.append(
+        f"<h2>Cases ({len(rows)})</h2><table><tr><th>case</th>"
+        + "".join(f"<th>{r} mL</th><th>{r} lesions</th>" for r in regions)
+        + "<th>seconds</th><th>drift</th></tr>"
+    )
+    parts.extend(_case_row(r, regions) for r in rows)
     parts.append("</table><h2>QC thumbnails</h2><div class='cards'>")
-    for r in rows:
-        thumb = r.get("thumbnail")
-        drift = r.get("drift") or ""
-        img = f"<img src='{html.escape(str(thumb))}' alt='{html.escape(str(r['case_id']))}'>" if thumb else ""
-        parts.append(f"<div class='card' id='{html.escape(str(r['case_id']))}'><b>{html.escape(str(r['case_id']))}"
-                     f"</b>{img}" + (f"<div class='flag'>drift: {html.escape(drift)}</div>" if drift else "")
-                     + "</div>")
+    parts.extend(_case_card(r) for r in rows)
     parts.append("</div></body></html>")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")

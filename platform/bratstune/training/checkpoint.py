@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from bratstune.errors import DataError
-from bratstune.models.network import MODEL_FILE, STATE_FILE, load_model_weights
+from bratstune.models.network import MODEL_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ __all__ = [
     "MODEL_FILE",
     "TrainState",
     "capture_rng",
-    "load_model_weights",
     "load_state",
     "restore_best",
     "restore_rng",

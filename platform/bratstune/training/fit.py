@@ -34,14 +34,15 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from bratstune.training.checkpoint import TrainState, load_model_weights, load_state, restore_best, save_best, save_state
+from bratstune.data.cohort import TrainData
 from bratstune.device import (
     amp_dtype,
     configure_threads,
@@ -49,13 +50,23 @@ from bratstune.device import (
     needs_grad_scaler,
     select_device,
 )
-from bratstune.data.cohort import TrainData
 from bratstune.errors import BratstuneError, DataError
+from bratstune.inference.sliding_window import InferenceConfig
+from bratstune.models import set_train_mode
+from bratstune.models.network import load_model_weights
+from bratstune.training.checkpoint import (
+    TrainState,
+    load_state,
+    restore_best,
+    save_best,
+    save_state,
+)
+from bratstune.training.config import TrainConfig, load_train_config
 from bratstune.training.loader import build_train_loader
+from bratstune.training.losses import CompoundLoss, deep_supervision_loss
 from bratstune.training.network import build_network, load_network, output_channels, prepare_network, resolve_config
 from bratstune.training.schedules import build_optimizer, build_scheduler
-from bratstune.training.config import TrainConfig, load_train_config
-from bratstune.training.validate import InferenceSettings, validate
+from bratstune.training.validate import validate
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +157,6 @@ def seed_everything(seed: int) -> None:
 
 
 def _build_loss(config: TrainConfig) -> torch.nn.Module:
-    from bratstune.training.losses import CompoundLoss
 
     return CompoundLoss(
         dict(config.loss.weights),
@@ -185,7 +195,6 @@ def compute_loss(loss_fn: torch.nn.Module, output: Any, target: torch.Tensor, *,
     ``bratstune.training.losses.deep_supervision_loss`` (weights 1, 1/2, 1/4, ... normalised); with
     ``deep_supervision=False`` only the full-resolution head is used.
     """
-    from bratstune.training.losses import deep_supervision_loss
 
     heads = _heads(output)
     if len(heads) == 1 or not deep_supervision:
@@ -210,7 +219,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     device: torch.device
     dtype: torch.dtype | None
-    settings: InferenceSettings
+    settings: InferenceConfig
     state: TrainState
     params: list[torch.nn.Parameter] = field(default_factory=list)
     best_dir: Path | None = None
@@ -224,10 +233,10 @@ class _Run:
 
 def inference_settings(
     config: TrainConfig, device: torch.device | None = None, dtype: torch.dtype | None = None
-) -> InferenceSettings:
+) -> InferenceConfig:
     """Sliding-window settings of ``config``'s validation (window defaults to the patch size)."""
     v = config.validation
-    return InferenceSettings(
+    return InferenceConfig(
         roi_size=tuple(v.roi_size or config.data.patch_size),  # type: ignore[arg-type]
         overlap=v.overlap,
         sw_batch_size=v.sw_batch_size,
@@ -304,7 +313,6 @@ def _train_epoch(run: _Run, batches: Iterator[Mapping[str, torch.Tensor]], epoch
     ``time/data_wait_s`` is the time blocked on the loader, ``time/compute_s`` the forward,
     backward and optimiser step (synchronised on CUDA).
     """
-    from bratstune.models import set_train_mode
 
     set_train_mode(run.model, True)
     losses, norms, waits, computes = [], [], [], []

@@ -1,5 +1,9 @@
 """The network of a :class:`~bratstune.training.config.TrainConfig`: build, initialise, reload.
 
+Rebuilding a trained network is :mod:`bratstune.models.network`'s job (it reads the saved config
+as a plain mapping, so prediction never imports training); this module applies it to the typed
+config that ``fit`` works with:
+
 * :func:`resolve_config` completes ``model.kwargs`` with the training ``patch_size``, so the
   saved config rebuilds exactly the trained network.
 * :func:`build_network`: ``bratstune.models.build_model(name, in_channels, out_channels, **kwargs)``
@@ -7,6 +11,7 @@
 * :func:`prepare_network`: build + ``init.encoder_from`` weights + ``freeze`` groups.
 * :func:`load_network`: rebuild a trained network from a best-model or checkpoint folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +21,11 @@ from typing import Any
 
 import torch
 
-from bratstune.training.checkpoint import load_model_weights
+from bratstune.config_utils import load_yaml
+from bratstune.models import network as models_network
+from bratstune.models.encoder_init import load_encoder_weights
+from bratstune.models.freeze import freeze
+from bratstune.models.network import NetworkSpec, load_model_weights
 from bratstune.training.config import TrainConfig, load_train_config
 
 logger = logging.getLogger(__name__)
@@ -26,9 +35,7 @@ __all__ = ["build_network", "load_init_weights", "load_network", "output_channel
 
 def output_channels(config: TrainConfig, scheme: Any) -> int:
     """Region mode: one channel per ``scheme.train_regions``; label mode: background + labels."""
-    if config.loss.mode == "region":
-        return len(scheme.train_regions)
-    return 1 + len(scheme.labels)
+    return models_network.output_channels(config.loss.mode, scheme)
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -40,24 +47,20 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
 def build_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -> torch.nn.Module:
     """The (untrained) network of ``config`` for ``scheme``."""
-    from bratstune.models import build_model
-
-    config = resolve_config(config)
-    return build_model(config.model.name, in_channels, output_channels(config, scheme), **dict(config.model.kwargs))
+    spec = NetworkSpec.from_config(resolve_config(config).to_dict())
+    return models_network.build_network(spec, scheme, in_channels=in_channels)
 
 
 def load_init_weights(model: torch.nn.Module, path: Path | str, *, strip_prefix: str = "") -> int:
     """Load every tensor of ``path`` whose (prefix-stripped) name and shape match ``model``.
 
-    Thin wrapper over :func:`bratstune.models.encoder_init.load_encoder_weights` (which also takes
-    ``models:/...``, ``runs:/...`` and run ids, interpolates position embeddings and returns a
-    full report). Returns the number of tensors initialised.
+    Thin wrapper over :func:`bratstune.models.encoder_init.load_encoder_weights` (which
+    interpolates position embeddings and returns a full report). Returns the number of tensors
+    initialised.
 
     Raises:
         DataError: missing file, or no tensor matches.
     """
-    from bratstune.models.encoder_init import load_encoder_weights
-
     report = load_encoder_weights(model, path, strip_prefix=strip_prefix)
     return len(report.initialised)
 
@@ -71,24 +74,21 @@ def prepare_network(config: TrainConfig, scheme: Any, *, in_channels: int = 4) -
     """
     model = build_network(config, scheme, in_channels=in_channels)
     if config.init.encoder_from is not None:
-        from bratstune.models.encoder_init import load_encoder_weights
-
         report = load_encoder_weights(
-            model, config.init.encoder_from, strip_prefix=config.init.strip_prefix,
-            interpolate=config.init.interpolate_pos_embed, require_complete=config.init.require_complete,
+            model,
+            config.init.encoder_from,
+            strip_prefix=config.init.strip_prefix,
+            interpolate=config.init.interpolate_pos_embed,
+            require_complete=config.init.require_complete,
         )
         model.bratstune_init_report = report  # type: ignore[assignment]
     if config.freeze:
-        from bratstune.models import freeze
-
         freeze(model, list(config.freeze))
     return model
 
 
 def load_network(folder: Path, scheme: Any, *, in_channels: int = 4) -> tuple[torch.nn.Module, TrainConfig]:
     """Rebuild a trained network (eval mode, CPU) from a best-model or checkpoint folder."""
-    from bratstune.config_utils import load_yaml
-
     config = load_train_config(load_yaml(Path(folder) / "config.yaml"))
     model = build_network(config, scheme, in_channels=in_channels)
     load_model_weights(model, Path(folder))

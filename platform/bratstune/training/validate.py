@@ -2,140 +2,44 @@
 
 For each validation case (cropped, normalised ``(4, x, y, z)`` from the cache):
 
-1. MONAI ``sliding_window_inference`` with the configured window, overlap and blending;
+1. MONAI ``sliding_window_inference`` with the configured window, overlap and blending
+   (:func:`bratstune.inference.sliding_window.predict_probabilities`);
 2. region mode: sigmoid per region channel, then ``labels.regions_to_labels`` (hierarchical
-   decode); label mode: softmax, arg-max, class index -> label value;
+   decode); label mode: softmax, arg-max, class index -> label value
+   (:func:`bratstune.inference.outputs.decode_prediction`);
 3. legacy Dice per evaluated region of the scheme (:func:`region_dice`; empty reference and
-   empty prediction count as 1.0, BraTS convention) and, when ``bratstune.metrics`` is
-   available, the BraTS lesion-wise metrics.
+   empty prediction count as 1.0, BraTS convention) and the BraTS lesion-wise metrics.
 
 Metric names: ``val/dice_<REGION>``, ``val/dice_mean`` and whatever ``lesion_wise`` returns,
 prefixed ``val/`` (e.g. ``val/dice_lesion_ET``, ``val/hd95_lesion_WT``,
 ``val/dice_lesion_mean``). Every value is the mean over the validation cases.
 """
+
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from bratstune.inference.outputs import decode_prediction, label_values, labels_to_classes
+from bratstune.inference.sliding_window import InferenceConfig, predict_probabilities
+from bratstune.metrics import challenges, lesion_wise
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "InferenceSettings",
-    "classes_to_labels",
-    "decode_prediction",
-    "label_values",
-    "labels_to_classes",
+    "LESION_KEYS",
     "case_lesion_metrics",
-    "main_output",
-    "predict_probabilities",
+    "lesion_challenge",
     "region_dice",
     "save_overlay_png",
     "validate",
 ]
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How to run the sliding window (resolved from the config and the device)."""
-
-    roi_size: tuple[int, int, int]
-    overlap: float = 0.25
-    sw_batch_size: int = 2
-    blend: str = "gaussian"
-    mode: str = "region"
-    device: torch.device = torch.device("cpu")
-    amp_dtype: torch.dtype | None = None
-
-
-def main_output(output: Any) -> torch.Tensor:
-    """The full-resolution prediction of a model's output.
-
-    Accepts a tensor ``(B, C, X, Y, Z)``, a list/tuple of heads (first = full resolution), or
-    MONAI DynUNet's stacked deep-supervision tensor ``(B, H, C, X, Y, Z)``.
-    """
-    if isinstance(output, (list, tuple)):
-        return main_output(output[0])
-    if isinstance(output, Mapping):
-        return main_output(output.get("out", next(iter(output.values()))))
-    if output.ndim == 6:
-        return output[:, 0]
-    return output
-
-
-def label_values(scheme: Any) -> tuple[int, ...]:
-    """Non-zero label values of a scheme in class-index order (class ``c`` -> ``values[c-1]``)."""
-    return tuple(sorted(int(v) for v in scheme.labels))
-
-
-def labels_to_classes(seg: np.ndarray, scheme: Any) -> np.ndarray:
-    """Label values -> contiguous class indices ``0..K`` (label-mode targets), int64."""
-    lut = np.zeros(256, dtype=np.int64)
-    for index, value in enumerate(label_values(scheme), start=1):
-        lut[value] = index
-    return lut[np.asarray(seg, dtype=np.uint8)]
-
-
-def classes_to_labels(classes: np.ndarray, scheme: Any) -> np.ndarray:
-    """Class indices ``0..K`` -> label values (uint8)."""
-    lut = np.asarray((0, *label_values(scheme)), dtype=np.uint8)
-    return lut[np.asarray(classes, dtype=np.int64)]
-
-
-@torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, image: np.ndarray | torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
-    """Sliding-window probabilities of one volume.
-
-    Args:
-        model: a segmentation network (put in eval mode by the caller).
-        image: ``(C, x, y, z)`` float32.
-        settings: window, overlap, blending, output mode, device, autocast dtype.
-
-    Returns:
-        float32 ``(K, x, y, z)`` on the CPU: sigmoid per region (region mode) or softmax over
-        background + labels (label mode).
-    """
-    from monai.inferers import sliding_window_inference
-
-    volume = torch.as_tensor(np.array(image, dtype=np.float32))[None].to(settings.device)
-
-    def predictor(batch: torch.Tensor) -> torch.Tensor:
-        return main_output(model(batch)).float()
-
-    autocast = (
-        torch.autocast(settings.device.type, dtype=settings.amp_dtype)
-        if settings.amp_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        logits = sliding_window_inference(
-            volume,
-            roi_size=settings.roi_size,
-            sw_batch_size=settings.sw_batch_size,
-            predictor=predictor,
-            overlap=settings.overlap,
-            mode=settings.blend,
-        )
-    logits = logits.float()[0]
-    probs = torch.sigmoid(logits) if settings.mode == "region" else torch.softmax(logits, dim=0)
-    return probs.cpu()
-
-
-def decode_prediction(probs: torch.Tensor | np.ndarray, scheme: Any, mode: str) -> np.ndarray:
-    """Probabilities ``(K, x, y, z)`` -> uint8 labels ``(x, y, z)`` in ``scheme``."""
-    probs = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    if mode == "region":
-        from bratstune.labels import regions_to_labels
-
-        return np.asarray(regions_to_labels(probs, scheme), dtype=np.uint8)
-    return classes_to_labels(probs.argmax(axis=0), scheme)
 
 
 def region_dice(pred: np.ndarray, ref: np.ndarray, scheme: Any) -> dict[str, float]:
@@ -156,31 +60,20 @@ def region_dice(pred: np.ndarray, ref: np.ndarray, scheme: Any) -> dict[str, flo
 LESION_KEYS = {"lesionwise_dice": "dice_lesion", "lesionwise_hd95": "hd95_lesion", "legacy_hd95": "hd95"}
 
 
-def _lesion_metric_fn() -> Callable[..., Mapping[str, Any]] | None:
-    try:
-        from bratstune.metrics import lesion_wise
-    except ImportError:
-        return None
-    return lesion_wise
-
-
 def lesion_challenge(challenge: str) -> str:
     """The lesion-wise rules to apply: ``challenge`` if the brats2023 protocol knows it, else GLI's."""
-    from bratstune.metrics import challenges
-
     name = str(challenge).strip().upper()
     return name if name in challenges("brats2023") else "GLI"
 
 
-def case_lesion_metrics(pred: np.ndarray, ref: np.ndarray, scheme: Any, challenge: str, spacing: Sequence[float]) -> dict[str, float]:
+def case_lesion_metrics(
+    pred: np.ndarray, ref: np.ndarray, scheme: Any, challenge: str, spacing: Sequence[float]
+) -> dict[str, float]:
     """BraTS 2023 lesion-wise Dice / HD95 and legacy HD95 per region of ``scheme`` (plus means).
 
     Keys: ``dice_lesion_<R>``, ``hd95_lesion_<R>``, ``hd95_<R>``, and ``..._mean`` over regions.
     """
-    fn = _lesion_metric_fn()
-    if fn is None:
-        return {}
-    raw = fn(
+    raw = lesion_wise(
         pred,
         ref,
         lesion_challenge(challenge),
@@ -208,7 +101,7 @@ def validate(
     model: torch.nn.Module,
     cases: Sequence[Any],
     scheme: Any,
-    settings: InferenceSettings,
+    settings: InferenceConfig,
     *,
     challenge: str | None = None,
     lesion_metrics: bool = True,
@@ -221,11 +114,9 @@ def validate(
         scheme: the label scheme of the cases.
         settings: sliding-window settings.
         challenge: BraTS challenge for the lesion-wise rules (``None`` skips them).
-        lesion_metrics: compute lesion-wise metrics when ``bratstune.metrics`` is importable.
+        lesion_metrics: compute the lesion-wise metrics (with ``challenge``).
     """
-    with_lesions = bool(lesion_metrics and challenge and _lesion_metric_fn() is not None)
-    if lesion_metrics and challenge and not with_lesions:
-        logger.debug("bratstune.metrics.lesion_wise not available: lesion-wise metrics skipped")
+    with_lesions = bool(lesion_metrics and challenge)
     per_metric: dict[str, list[float]] = {}
     was_training = model.training
     model.eval()
@@ -271,10 +162,11 @@ def save_overlay_png(
     Returns:
         ``path``. Uses matplotlib's object API with the Agg canvas (no global backend change).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    # Deferred: matplotlib is heavy and only the train command draws this figure.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
 
     values = label_values(scheme)
     palette = ["#e41a1c", "#4daf4a", "#377eb8", "#ff7f00", "#984ea3", "#ffff33"]
@@ -289,8 +181,15 @@ def save_overlay_png(
             ax.imshow(background, cmap="gray", origin="lower")
             if seg is not None:
                 classes = labels_to_classes(np.asarray(seg)[:, :, z], scheme).T.astype(float)
-                ax.imshow(np.ma.masked_equal(classes, 0) - 1, cmap=cmap, vmin=0, vmax=max(1, len(values) - 1),
-                          alpha=0.5, origin="lower", interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_equal(classes, 0) - 1,
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=max(1, len(values) - 1),
+                    alpha=0.5,
+                    origin="lower",
+                    interpolation="nearest",
+                )
             ax.set_title(f"{case_id} {title} (z={z})", fontsize=8)
             ax.axis("off")
     handles = [Patch(color=palette[i], label=f"{v} {scheme.labels[v]}") for i, v in enumerate(values)]

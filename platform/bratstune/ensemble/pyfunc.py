@@ -1,0 +1,88 @@
+"""The MLflow ``pyfunc`` face of a packaged ensemble (:class:`EnsembleModel`).
+
+Its only artifact is the ensemble folder of :meth:`bratstune.ensemble.package.Ensemble.save`
+(safetensors weights + JSON + SHA-256 manifest, checked when the model loads); the ``bratstune``
+package travels as ``code_paths``, so ``mlflow.pyfunc.load_model("models:/bratstune-gli@champion")``
+works in a fresh process. MLflow pickles the class by its module path
+(``bratstune.ensemble.pyfunc.EnsembleModel``).
+
+Input (``model.predict``): a raw image ``numpy`` array ``(C, X, Y, Z)`` in the model's modality
+order returns uint8 labels ``(X, Y, Z)`` (``model.unwrap_python_model().predict_probabilities(image)``:
+the float32 probabilities on the input grid); a ``pandas.DataFrame`` with one column per modality
+(file paths) and optionally ``case_id`` and ``output`` (a ``.nii.gz`` to write) returns one row per
+case with the output path and region volumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from bratstune.data.case import Case, load_case
+from bratstune.data.nifti import write_nifti_atomic
+from bratstune.data.preprocess import preprocess_arrays
+from bratstune.ensemble.package import ARTIFACT_KEY, Ensemble
+from bratstune.errors import DataError
+from bratstune.inference.sliding_window import probabilities_on_grid
+from bratstune.metrics.volumes import region_stats
+
+__all__ = ["EnsembleModel"]
+
+
+# No type hints on ``predict``: MLflow would build an input schema from them, which neither a raw
+# volume array nor a table of file paths fits (MLflow logs a harmless warning about it).
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """``pyfunc`` wrapper around :class:`bratstune.ensemble.package.Ensemble` (see the module docstring)."""
+
+    def load_context(self, context: Any) -> None:
+        self.ensemble = Ensemble.load(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema from them
+        if isinstance(model_input, np.ndarray):
+            return self._predict_array(model_input, probabilities=False)
+        return self._predict_frame(model_input)
+
+    def predict_probabilities(self, image: Any) -> Any:
+        """Float32 mean probabilities ``(K, X, Y, Z)`` of a raw image ``(C, X, Y, Z)`` on its own grid.
+
+        Reach it through ``mlflow.pyfunc.load_model(uri).unwrap_python_model()``.
+        """
+        return self._predict_array(image, probabilities=True)
+
+    def _predict_array(self, image: Any, *, probabilities: bool) -> Any:
+        ens = self.ensemble
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 4 or image.shape[0] != len(ens.modalities):
+            raise DataError(
+                None,
+                f"expected a raw image of shape ({len(ens.modalities)}, X, Y, Z) with channels "
+                f"{', '.join(ens.modalities)}, got {image.shape}",
+            )
+        crop, _, bbox = preprocess_arrays(image, None, ens.preprocess, reference=ens.reference)
+        grid = probabilities_on_grid(ens.probabilities(crop), bbox, image.shape[1:], mode=ens.mode)
+        return grid if probabilities else ens.decode(grid)
+
+    def _predict_frame(self, frame: Any) -> Any:
+        ens = self.ensemble
+        missing = [m for m in ens.modalities if m not in frame.columns]
+        if missing:
+            raise DataError(
+                None,
+                f"input table lacks column(s) {missing}; expected one file path per modality "
+                f"{list(ens.modalities)} and optionally 'case_id', 'output'",
+            )
+        rows = []
+        for i, row in frame.reset_index(drop=True).iterrows():
+            case_id = str(row["case_id"]) if "case_id" in frame.columns else f"case-{i}"
+            case = Case(case_id, {m: Path(row[m]) for m in ens.modalities}, None, "table", ens.challenge)
+            data = load_case(case)
+            seg = ens.segment(data)
+            out = row.get("output") if "output" in frame.columns else None
+            if out:
+                write_nifti_atomic(out, seg.labels, data.affine, data.header)
+            rows.append({"case_id": case_id, "output": out, **region_stats(seg.labels, ens.scheme, data.spacing)})
+        return pd.DataFrame(rows)
