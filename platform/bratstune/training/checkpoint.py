@@ -13,6 +13,7 @@ The best model folder holds ``model.pt`` (the state dict only), ``config.yaml`` 
 ``metrics.json``. Everything loads with ``torch.load(weights_only=True)``: RNG states are
 stored as tensors and plain Python values, never pickled objects.
 """
+
 from __future__ import annotations
 
 import json
@@ -209,9 +210,7 @@ def load_state(
     )
 
 
-def save_best(
-    folder: Path, *, model: torch.nn.Module, config: Mapping[str, Any], metrics: Mapping[str, float]
-) -> Path:
+def save_best(folder: Path, *, model: torch.nn.Module, config: Mapping[str, Any], metrics: Mapping[str, float]) -> Path:
     """Write the best-model folder (``model.pt`` state dict + config + metrics) atomically."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")

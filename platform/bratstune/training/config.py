@@ -21,6 +21,7 @@ The YAML shape (shared with the presets in ``bratstune/presets/*.yaml``)::
 Every section and key is optional (defaults below). Load with :func:`load_train_config`,
 which validates keys with nearest-key suggestions (``bratstune.config_utils.from_dict``).
 """
+
 from __future__ import annotations
 
 import math
@@ -125,19 +126,25 @@ class LossConfig:
     def check_term(name: str, where: str = "loss.weights") -> None:
         """Raise ConfigError (with the nearest valid name) unless ``name`` is a loss term."""
         if name not in LOSS_TERMS:
-            raise ConfigError(f"{where}: unknown loss term '{name}'{suggest(name, LOSS_TERMS)}; expected one of {list(LOSS_TERMS)}")
+            raise ConfigError(
+                f"{where}: unknown loss term '{name}'{suggest(name, LOSS_TERMS)}; expected one of {list(LOSS_TERMS)}"
+            )
 
     @classmethod
     def check_weights(cls, weights: Any) -> dict[str, float]:
         """Term name -> weight as floats (zeros kept); at least one weight must be positive."""
         if not isinstance(weights, Mapping):
-            raise ConfigError(f"loss.weights must be a mapping term -> weight, e.g. {{dice: 1.0, ce: 1.0}}; got {weights!r}")
+            raise ConfigError(
+                f"loss.weights must be a mapping term -> weight, e.g. {{dice: 1.0, ce: 1.0}}; got {weights!r}"
+            )
         out: dict[str, float] = {}
         for name, value in weights.items():
             cls.check_term(str(name))
             out[str(name)] = check_number(value, f"loss.weights.{name}", minimum=0.0)
         if not any(v > 0 for v in out.values()):
-            raise ConfigError(f"loss.weights: all loss weights are zero ({dict(weights)}); give at least one term a positive weight")
+            raise ConfigError(
+                f"loss.weights: all loss weights are zero ({dict(weights)}); give at least one term a positive weight"
+            )
         return out
 
     @staticmethod
@@ -146,7 +153,9 @@ class LossConfig:
         alpha = check_number(alpha, "loss.alpha (Tversky false-positive weight)", minimum=0.0)
         beta = check_number(beta, "loss.beta (Tversky false-negative weight)", minimum=0.0)
         if alpha + beta <= 0:
-            raise ConfigError(f"loss: alpha + beta must be > 0 (got alpha={alpha!r}, beta={beta!r}); the usual choice is 0.3, 0.7")
+            raise ConfigError(
+                f"loss: alpha + beta must be > 0 (got alpha={alpha!r}, beta={beta!r}); the usual choice is 0.3, 0.7"
+            )
         gamma = check_number(gamma, "loss.gamma (focal-Tversky exponent)", minimum=0.0, strict=True)
         return alpha, beta, gamma
 
@@ -273,8 +282,7 @@ class ValidationConfig:
         check_choice(self.metric_mode, METRIC_MODES, "validation.metric_mode")
         if not self.metric.startswith("val/"):
             raise ConfigError(
-                f"validation.metric: expected a validation metric name such as 'val/dice_mean', "
-                f"got {self.metric!r}"
+                f"validation.metric: expected a validation metric name such as 'val/dice_mean', got {self.metric!r}"
             )
 
 

@@ -26,6 +26,7 @@ at epoch ``e + 1`` with the same model, optimiser, scheduler, scaler and RNG sta
 data stream continues exactly where it stopped (patch ``i`` of epoch ``e`` depends only on
 ``(seed, e, i)``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from bratstune.device import (
     needs_grad_scaler,
     select_device,
 )
-from bratstune.errors import BratstuneError, DataError
+from bratstune.errors import DataError
+from bratstune.inference.outputs import output_heads
 from bratstune.inference.sliding_window import InferenceConfig
 from bratstune.models import set_train_mode
 from bratstune.models.network import load_model_weights
@@ -65,6 +67,7 @@ from bratstune.training.config import TrainConfig, load_train_config
 from bratstune.training.loader import build_train_loader
 from bratstune.training.losses import CompoundLoss, deep_supervision_loss
 from bratstune.training.network import build_network, load_network, output_channels, prepare_network, resolve_config
+from bratstune.training.report import EpochReport, FitResult, Reporter, TrainingDiverged
 from bratstune.training.schedules import build_optimizer, build_scheduler
 from bratstune.training.validate import validate
 
@@ -84,67 +87,6 @@ __all__ = [
     "resolve_config",
     "seed_everything",
 ]
-
-Reporter = Callable[["EpochReport"], None]
-
-
-class TrainingDiverged(BratstuneError):
-    """The loss became NaN or infinite (lower ``optim.lr`` or enable ``optim.grad_clip``)."""
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """What ``reporter`` receives after each epoch.
-
-    Attributes:
-        epoch: epochs completed (1-based).
-        metrics: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``time/data_wait_s``,
-            ``time/compute_s`` (means per step), ``time/epoch_s``, ``epoch``, and the
-            validation metrics (``val/dice_WT`` ..., ``val/dice_mean``, lesion-wise ones).
-            Between validations the last validation values are repeated (``val/epoch`` says
-            which epoch they come from) so a scheduler always finds its metric.
-        checkpoint_dir: the resumable checkpoint folder written after this epoch, or ``None``.
-        is_best: this epoch's validation improved the selection metric.
-        validated: validation ran after this epoch (the ``val/`` values are fresh).
-        best_dir: the best-model folder (``model.pt`` + config + metrics), once one exists.
-    """
-
-    epoch: int
-    metrics: dict[str, float]
-    checkpoint_dir: Path | None
-    is_best: bool
-    validated: bool = False
-    best_dir: Path | None = None
-
-
-@dataclass
-class FitResult:
-    """Outcome of :func:`fit`.
-
-    Attributes:
-        config: the resolved config (model kwargs completed with the patch size).
-        model: the network holding the best weights (the last ones if never validated), on CPU.
-        best_metric: best value of ``config.validation.metric`` (``None`` without validation).
-        best_epoch: epoch of the best value.
-        best_metrics: all metrics of the best epoch (the last epoch's without validation).
-        history: one metrics dict per epoch of this run (including resumed ones from the checkpoint).
-        out_dir: the output folder.
-        best_dir: the best-model folder, or ``None``.
-        last_checkpoint: the last resumable checkpoint folder, or ``None``.
-        epochs_completed: epochs done in total.
-    """
-
-    config: TrainConfig
-    model: torch.nn.Module
-    best_metric: float | None
-    best_epoch: int | None
-    best_metrics: dict[str, float]
-    history: list[dict[str, float]]
-    out_dir: Path
-    best_dir: Path | None
-    last_checkpoint: Path | None
-    epochs_completed: int
-
 
 # -- set-up helpers ------------------------------------------------------------------------------
 
@@ -179,16 +121,9 @@ def _check_data(data: TrainData) -> None:
 # -- the loss on (possibly deep-supervised) outputs ----------------------------------------------
 
 
-def _heads(output: Any) -> list[torch.Tensor]:
-    """Split a model output into full-resolution-first heads."""
-    if isinstance(output, (list, tuple)):
-        return [h for h in output]
-    if output.ndim == 6:
-        return list(output.unbind(dim=1))
-    return [output]
-
-
-def compute_loss(loss_fn: torch.nn.Module, output: Any, target: torch.Tensor, *, deep_supervision: bool) -> torch.Tensor:
+def compute_loss(
+    loss_fn: torch.nn.Module, output: Any, target: torch.Tensor, *, deep_supervision: bool
+) -> torch.Tensor:
     """Loss of the main output, or the deep-supervision weighted sum over the heads.
 
     Deep-supervision outputs (DynUNet's ``(B, S, C, ...)`` or a list of heads) go through
@@ -196,7 +131,7 @@ def compute_loss(loss_fn: torch.nn.Module, output: Any, target: torch.Tensor, *,
     ``deep_supervision=False`` only the full-resolution head is used.
     """
 
-    heads = _heads(output)
+    heads = output_heads(output)
     if len(heads) == 1 or not deep_supervision:
         return loss_fn(heads[0].float(), target)
     return deep_supervision_loss(loss_fn, [h.float() for h in heads], target)
@@ -259,12 +194,24 @@ def _setup(config: TrainConfig, data: TrainData, out: Path, resume_from: Path | 
     model = prepare_network(config, data.scheme, in_channels=in_channels).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps=config.total_steps, steps_per_epoch=config.steps_per_epoch)
+    scheduler = build_scheduler(
+        optimizer, config.optim, total_steps=config.total_steps, steps_per_epoch=config.steps_per_epoch
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, dtype))
     run = _Run(
-        config=config, data=data, out=out, model=model, loss_fn=_build_loss(config).to(device), optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, device=device, dtype=dtype, settings=inference_settings(config, device, dtype),
-        state=TrainState(), params=params,
+        config=config,
+        data=data,
+        out=out,
+        model=model,
+        loss_fn=_build_loss(config).to(device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        dtype=dtype,
+        settings=inference_settings(config, device, dtype),
+        state=TrainState(),
+        params=params,
     )
     if resume_from is not None:
         run.state = load_state(
@@ -350,8 +297,12 @@ def _validate_epoch(run: _Run) -> dict[str, float]:
     cases = list(run.data.val)[: v.max_cases] if v.max_cases else list(run.data.val)
     start = time.perf_counter()
     metrics = validate(
-        run.model, cases, run.data.scheme, run.settings,
-        challenge=run.config.challenge or "GLI", lesion_metrics=v.lesion_metrics,
+        run.model,
+        cases,
+        run.data.scheme,
+        run.settings,
+        challenge=run.config.challenge or "GLI",
+        lesion_metrics=v.lesion_metrics,
     )
     if v.metric not in metrics:
         logger.warning("validation.metric %r is not among the validation metrics %s", v.metric, sorted(metrics))
@@ -370,7 +321,9 @@ def _end_epoch(run: _Run, epoch: int, metrics: dict[str, float], validated: bool
     """Record the epoch: best model, resumable checkpoint, history; return the report."""
     config, state = run.config, run.state
     metrics.update(run.last_val)
-    is_best = validated and _is_better(metrics.get(config.validation.metric), state.best_metric, config.validation.metric_mode)
+    is_best = validated and _is_better(
+        metrics.get(config.validation.metric), state.best_metric, config.validation.metric_mode
+    )
     state.epoch = epoch
     state.global_step = epoch * config.steps_per_epoch
     state.history.append({k: v for k, v in metrics.items() if validated or not k.startswith("val/")})
@@ -382,8 +335,14 @@ def _end_epoch(run: _Run, epoch: int, metrics: dict[str, float], validated: bool
     if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
         checkpoint = save_state(
             run.out / "checkpoints" / f"epoch_{epoch:04d}",
-            model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-            state=state, config=run.config_dict, metrics=metrics, best_dir=run.best_dir,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            scaler=run.scaler,
+            state=state,
+            config=run.config_dict,
+            metrics=metrics,
+            best_dir=run.best_dir,
         )
         _drop_older_checkpoints(run.out / "checkpoints", keep=checkpoint)
         run.last_checkpoint = checkpoint
@@ -398,7 +357,9 @@ def _log_epoch(epoch: int, config: TrainConfig, metrics: Mapping[str, float], sc
     )
     if validated:
         dice = ", ".join(f"{r} {metrics[f'val/dice_{r}']:.3f}" for r in scheme.regions if f"val/dice_{r}" in metrics)
-        text += f"; val Dice {dice}, mean {metrics.get('val/dice_mean', float('nan')):.3f} ({metrics['time/val_s']:.1f} s)"
+        text += (
+            f"; val Dice {dice}, mean {metrics.get('val/dice_mean', float('nan')):.3f} ({metrics['time/val_s']:.1f} s)"
+        )
     logger.info(text)
 
 
@@ -446,11 +407,21 @@ def fit(
     workers = config.data.num_workers if config.data.num_workers is not None else default_num_workers()
     logger.info(
         "training %s (%d parameters, %d trainable) on %s, amp %s, %d train / %d val cases, %d loader workers",
-        config.model.name, sum(p.numel() for p in run.model.parameters()), sum(p.numel() for p in run.params),
-        run.device, run.dtype, len(data.train), len(data.val), workers,
+        config.model.name,
+        sum(p.numel() for p in run.model.parameters()),
+        sum(p.numel() for p in run.params),
+        run.device,
+        run.dtype,
+        len(data.train),
+        len(data.val),
+        workers,
     )
     loader = build_train_loader(
-        config, data.train, data.scheme, start_epoch=run.state.epoch, num_workers=workers,
+        config,
+        data.train,
+        data.scheme,
+        start_epoch=run.state.epoch,
+        num_workers=workers,
         pin_memory=run.device.type == "cuda",
     )
     batches = iter(loader)

@@ -12,6 +12,7 @@ the worker from the patch's labels: region mode ``labels.labels_to_regions`` →
 ``(R, P, P, P)``; label mode → int64 class indices ``(1, P, P, P)`` (see
 :func:`bratstune.inference.outputs.labels_to_classes`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,6 @@ class EpochPatches(Dataset):
         sample = self.patches[i]
         label = torch.as_tensor(sample["label"])[0].to(torch.uint8).numpy()
         if self.mode == "region":
-
             target = torch.from_numpy(labels_to_regions(label, self.scheme))
         else:
             target = torch.from_numpy(labels_to_classes(label, self.scheme)[None])
@@ -111,7 +111,6 @@ def build_train_loader(
 
     transform = None
     if config.data.augment is not None:
-
         transform = build_augment(dict(config.data.augment))
     samples = config.steps_per_epoch * config.data.batch_size
     patches = PatchDataset(

@@ -22,6 +22,7 @@ Two modes:
 
 All terms are computed in float32 (safe under autocast).
 """
+
 from __future__ import annotations
 
 import enum
@@ -247,10 +248,8 @@ class CompoundLoss(nn.Module):
         self.terms = nn.ModuleDict()
         for name in self.weights:
             if name == "dice":
-
                 self.terms[name] = DiceLoss(smooth_nr=smooth, smooth_dr=smooth, batch=bool(batch))
             elif name == "focal":
-
                 self.terms[name] = FocalLoss(gamma=focal_gamma, use_softmax=not region, reduction="none")
             elif name == "focal_tversky":
                 self.terms[name] = FocalTverskyLoss(alpha=alpha, beta=beta, gamma=gamma, smooth=smooth, batch=batch)
@@ -280,7 +279,9 @@ class CompoundLoss(nn.Module):
             return target.float()
         n_classes = input.shape[1]
         if n_classes < 2:
-            raise ValueError(f"CompoundLoss(mode='label'): softmax needs at least 2 channels, got input {tuple(input.shape)}")
+            raise ValueError(
+                f"CompoundLoss(mode='label'): softmax needs at least 2 channels, got input {tuple(input.shape)}"
+            )
         if target.ndim == input.ndim - 1:
             target = target.unsqueeze(1)
         expected = (input.shape[0], 1, *input.shape[2:])

@@ -11,6 +11,7 @@ step over ``total_steps = epochs * steps_per_epoch``:
   (:math:`\\gamma_{step} = decay^{1/steps\\_per\\_epoch}`);
 * ``constant``: ``ConstantLR`` with factor 1.
 """
+
 from __future__ import annotations
 
 import logging
