@@ -7,6 +7,7 @@ Both runs search ``search_spaces/losses.yaml`` (its smoke-sized network) on the 
 cohort with the same seed; prints, for each, the best validation score and the total number of
 trial-epochs trained (the cost ASHA saves by stopping weak trials early).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,37 +32,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    import ray
-
     from bratstune import paths
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
-    from bratstune.search.space import deep_merge, load_search_space, parse_spec
+    from bratstune.search.data import prepare_data, synthetic_cohort
+    from bratstune.search.params import deep_merge
+    from bratstune.search.space import load_search_space, parse_spec
+    from bratstune.search.tune import run_search
 
     smoke = load_search_space(args.space).smoke_variant()
-    raw = deep_merge(smoke.raw, {
-        "num_samples": args.trials,
-        "scheduler": {"max_t": args.epochs, "grace_period": 1, "reduction_factor": 2},
-        "base": {"epochs": args.epochs, "steps_per_epoch": args.steps},
-    })
+    raw = deep_merge(
+        smoke.raw,
+        {
+            "num_samples": args.trials,
+            "scheduler": {"max_t": args.epochs, "grace_period": 1, "reduction_factor": 2},
+            "base": {"epochs": args.epochs, "steps_per_epoch": args.steps},
+        },
+    )
     raw["base"] = deep_merge(smoke.base, raw["base"])
     spec = parse_spec(raw, source=smoke.source)
-    ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
-             runtime_env=_bootstrap.runtime_env(), include_dashboard=False, log_to_driver=False)
-    experiment_id = tracking.setup_mlflow("bratstune-benchmarks")
-    cohort = search.synthetic_cohort(cases=args.cases, shape=(48, 48, 32))
-    data = search.prepare_data(spec, cohort)
     rows = []
-    for label, algorithm, scheduler in (("ASHA + TPE", "tpe", "asha"), ("random, no early stopping", "random", "fifo")):
-        start = time.perf_counter()
-        outcome = search.run_search(spec, data, storage_path=paths.results_dir() / "benchmarks",
-                                    name=f"efficiency-{algorithm}-{scheduler}-{time.strftime('%H%M%S')}",
-                                    experiment_id=experiment_id, algorithm=algorithm, scheduler=scheduler, verbose=0)
-        epochs = sum(int(r["epochs"] or 0) for r in outcome.table)
-        rows.append((label, outcome.best_metric, epochs, len(outcome.table), time.perf_counter() - start))
-    ray.shutdown()
-    print(f"\n{spec.metric}, {args.trials} trials of at most {args.epochs} epochs x {args.steps} steps "
-          f"({args.cases} synthetic cases, seed {spec.search.seed})")
+    with _bootstrap.session(
+        experiment="bratstune-benchmarks", address=args.address, num_cpus=args.num_cpus, log_to_driver=False
+    ) as session:
+        data = prepare_data(spec, synthetic_cohort(cases=args.cases, shape=(48, 48, 32)))
+        for label, algorithm, scheduler in (
+            ("ASHA + TPE", "tpe", "asha"),
+            ("random, no early stopping", "random", "fifo"),
+        ):
+            start = time.perf_counter()
+            outcome = run_search(
+                spec,
+                data,
+                storage_path=paths.results_dir() / "benchmarks",
+                name=f"efficiency-{algorithm}-{scheduler}-{time.strftime('%H%M%S')}",
+                experiment_id=session.experiment_id,
+                algorithm=algorithm,
+                scheduler=scheduler,
+                verbose=0,
+            )
+            epochs = sum(int(r["epochs"] or 0) for r in outcome.table)
+            rows.append((label, outcome.best_metric, epochs, len(outcome.table), time.perf_counter() - start))
+    print(
+        f"\n{spec.metric}, {args.trials} trials of at most {args.epochs} epochs x {args.steps} steps "
+        f"({args.cases} synthetic cases, seed {spec.search.seed})"
+    )
     print(f"{'search':<28}{'best':>10}{'trial-epochs':>14}{'trials':>8}{'wall s':>9}")
     for label, best, epochs, trials, wall in rows:
         print(f"{label:<28}{best if best is not None else float('nan'):>10.4f}{epochs:>14d}{trials:>8d}{wall:>9.0f}")

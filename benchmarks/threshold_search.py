@@ -7,6 +7,7 @@ The probabilities stand in for a model's validation output: each region mask of 
 is blurred and mixed with uniform noise, so components, holes and dust look like a real
 network's. The timing covers what a trial does: decode, post-process, score every case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,30 +30,37 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from scipy import ndimage
 
-    from bratstune.search import tune as search
-    from bratstune.labels import labels_to_regions
-    from bratstune.search.thresholds import CachedCase, load_threshold_space, search_thresholds
     from bratstune.data.cohort import prepare_cohort, preprocess_config
+    from bratstune.labels import labels_to_regions
+    from bratstune.search.data import synthetic_cohort
+    from bratstune.search.threshold_space import load_threshold_space
+    from bratstune.search.thresholds import CachedCase, search_thresholds
 
-    cohort = search.synthetic_cohort(cases=args.cases, shape=tuple(args.shape))
+    cohort = synthetic_cohort(cases=args.cases, shape=tuple(args.shape))
     prepared = prepare_cohort(cohort, preprocess_config({}))
     rng = np.random.default_rng(0)
     cases = []
     for case in prepared.cases:
         regions = labels_to_regions(np.asarray(case.label), prepared.scheme).astype(np.float32)
         probs = np.stack([ndimage.gaussian_filter(r, 1.5) for r in regions]) * 0.8 + rng.uniform(0, 0.35, regions.shape)
-        cases.append(CachedCase(case.case_id, np.clip(probs, 0, 1).astype(np.float16), np.asarray(case.label),
-                                tuple(case.spacing)))
+        cases.append(
+            CachedCase(
+                case.case_id, np.clip(probs, 0, 1).astype(np.float16), np.asarray(case.label), tuple(case.spacing)
+            )
+        )
     spec = load_threshold_space(args.space)
     from dataclasses import replace
 
     spec = replace(spec, metric=args.metric, mode="min" if args.metric.startswith("hd95") else "max")
-    outcome = search_thresholds(spec, cases, prepared.scheme, challenge=prepared.challenge or "GLI",
-                                num_samples=args.trials)
+    outcome = search_thresholds(
+        spec, cases, prepared.scheme, challenge=prepared.challenge or "GLI", num_samples=args.trials
+    )
     voxels = int(np.prod(cases[0].label.shape))
-    print(f"{outcome.trials} configurations x {len(cases)} cases (~{voxels} voxels each, cropped) "
-          f"in {outcome.seconds:.1f} s: {outcome.per_minute:.0f} configurations/min, "
-          f"{outcome.per_minute * len(cases):.0f} case evaluations/min")
+    print(
+        f"{outcome.trials} configurations x {len(cases)} cases (~{voxels} voxels each, cropped) "
+        f"in {outcome.seconds:.1f} s: {outcome.per_minute:.0f} configurations/min, "
+        f"{outcome.per_minute * len(cases):.0f} case evaluations/min"
+    )
     print(f"{spec.metric}: default {outcome.baseline_metric:.4f} -> best {outcome.best_metric:.4f}")
     return 0
 

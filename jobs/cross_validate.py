@@ -12,27 +12,40 @@ Output under ``--storage-path`` (default ``.bratstune/results/cv``): fold models
 probabilities, tuned thresholds and ``ensemble/``. MLflow goes to ``$MLFLOW_TRACKING_URI`` or
 ``.bratstune/mlflow.db``.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import _bootstrap
+from bratstune.errors import ConfigError
+from bratstune.search import crossval
+from bratstune.search.data import synthetic_cohort
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="labelled cohort folder (default with --smoke-test: "
-                                                                  "a tiny synthetic GLI cohort)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled cohort folder (default with --smoke-test: a tiny synthetic GLI cohort)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="training config YAML")
     source.add_argument("--preset", help="bundled preset name (bratstune presets)")
     source.add_argument("--from-search", metavar="RUN_ID", help="MLflow parent run of a search (its best_config.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set steps_per_epoch=20 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set steps_per_epoch=20 (repeatable)",
+    )
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
@@ -52,51 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def spec_from_flags(args: argparse.Namespace) -> crossval.CrossValSpec:
+    """The :class:`~bratstune.search.crossval.CrossValSpec` of the flags (``--smoke-test``: 3 folds, 10 trials)."""
+    smoke = args.smoke_test
+    mapping = {
+        "folds": args.folds if not smoke or args.folds != 5 else 3,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "threshold_trials": 10 if smoke else args.threshold_trials,
+        "resources": {"cpu": args.cpus_per_fold, "gpu": args.gpus_per_fold},
+        "smoke": smoke,
+        "name": args.name,
+        "storage_path": args.storage_path,
+        "register": args.register,
+        "promote": args.promote,
+        "force": args.force,
+        "experiment": args.experiment,
+        "workers": args.workers,
+        "search_run_id": args.from_search,
+    }
+    return crossval.CrossValSpec.from_mapping(mapping, where="jobs/cross_validate.py flags")
 
-    import ray
 
-    from bratstune.search import crossval
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
-    from bratstune.errors import BratstuneError, ConfigError
-
-    try:
-        if args.smoke_test and not (args.config or args.preset or args.from_search):
-            args.preset = "unet"
-        config = crossval.resolve_config(config=args.config, preset=args.preset, from_search=args.from_search,
-                                         overrides=args.overrides)
-        data = args.data
-        if data is None:
-            if not args.smoke_test:
-                raise ConfigError("--data: give the labelled cohort folder (or use --smoke-test)")
-            data = search.synthetic_cohort(cases=max(9, 3 * args.folds), shape=(40, 40, 32))
-        folds = args.folds if not args.smoke_test or args.folds != 5 else 3
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else args.num_cpus,
-                 runtime_env=_bootstrap.runtime_env(), include_dashboard=False if not address else None)
-        experiment_id = tracking.setup_mlflow(args.experiment)
-        outcome = crossval.cross_validate(
-            config, data, k=folds, seed=args.seed, epochs=args.epochs, storage_path=args.storage_path,
-            name=args.name, threshold_trials=10 if args.smoke_test else args.threshold_trials,
-            experiment_id=experiment_id, search_run_id=args.from_search,
-            resources={"cpu": args.cpus_per_fold, "gpu": args.gpus_per_fold}, smoke=args.smoke_test,
-            register=args.register, promote=args.promote, force=args.force, workers=args.workers,
-        )
-    except BratstuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+def report(outcome: crossval.CVOutcome) -> None:
+    """Print the folds, the pooled OOF scores, the tuned decode, the ensemble and the registry."""
     metric = outcome.metric.split("/", 1)[1]
     print(f"cross-validation: {len(outcome.fold_metrics)} folds, MLflow parent run {outcome.parent_run_id}")
     for i, fold in enumerate(outcome.fold_metrics):
         print(f"  fold {i}: OOF {metric} = {fold.get(metric, float('nan')):.4f}")
-    print(f"pooled OOF {metric}: {outcome.oof_metrics_default.get(metric, float('nan')):.4f} default -> "
-          f"{outcome.oof_metrics_tuned.get(metric, float('nan')):.4f} tuned")
+    print(
+        f"pooled OOF {metric}: {outcome.oof_metrics_default.get(metric, float('nan')):.4f} default -> "
+        f"{outcome.oof_metrics_tuned.get(metric, float('nan')):.4f} tuned"
+    )
     print(f"thresholds {outcome.thresholds}, post-processing {outcome.postprocess}")
     print(f"ensemble: {outcome.ensemble.describe()} -> {outcome.ensemble_dir}")
     if outcome.registered:
@@ -105,6 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         p = outcome.promotion
         print(f"{'PROMOTED' if p.promoted else 'champion unchanged'}: {p.reason}")
     print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+@_bootstrap.error_tail
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.smoke_test and not (args.config or args.preset or args.from_search):
+        args.preset = "unet"
+    config = crossval.resolve_config(
+        config=args.config, preset=args.preset, from_search=args.from_search, overrides=args.overrides
+    )
+    spec = spec_from_flags(args)
+    data = args.data
+    if data is None:
+        if not args.smoke_test:
+            raise ConfigError("--data: give the labelled cohort folder (or use --smoke-test)")
+        data = synthetic_cohort(cases=max(9, 3 * args.folds), shape=(40, 40, 32))
+    with _bootstrap.session(experiment=spec.experiment, address=args.address, num_cpus=args.num_cpus) as session:
+        outcome = crossval.cross_validate(config, data, spec, experiment_id=session.experiment_id)
+    report(outcome)
     return 0
 
 

@@ -8,6 +8,7 @@ is a trial of a Ray Tune grid (MLflow child runs, table on the parent as in
         --target-challenge SSA --space search_spaces/frozen_layers.yaml
     python jobs/finetune_transfer.py --smoke-test --freeze decoder
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 import transfer_study as study
+from bratstune.config_utils import load_yaml
+from bratstune.errors import ConfigError
+from bratstune.transfer import finetune, load_source, prepare_target
 
 
+def _space_variants(space: str) -> list[str]:
+    """Install the ``freeze`` choices of ``space`` as the study's variants; their names."""
+    choices = ((load_yaml(Path(space)).get("params") or {}).get("freeze") or {}).get("choices") or {}
+    if not choices:
+        raise ConfigError(f"{space}: no params.freeze.choices")
+    study.FREEZE_VARIANTS.clear()
+    study.FREEZE_VARIANTS.update({str(k): list(v or []) for k, v in choices.items()})
+    return [f"finetune_{k}" for k in choices]
+
+
+@_bootstrap.error_tail
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = study.build_parser(__doc__.splitlines()[0])
@@ -29,40 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_test and not args.target_challenge:
         args.target_challenge = "SSA"
     if args.space:
-        from bratstune.config_utils import load_yaml
-
-        space = load_yaml(Path(args.space))
-        choices = ((space.get("params") or {}).get("freeze") or {}).get("choices") or {}
-        if not choices:
-            raise SystemExit(f"{args.space}: no params.freeze.choices")
-        study.FREEZE_VARIANTS.clear()
-        study.FREEZE_VARIANTS.update({str(k): list(v or []) for k, v in choices.items()})
-        study.run_variants(args, [f"finetune_{k}" for k in choices], title="finetune-transfer")
+        study.run_variants(args, _space_variants(args.space), title="finetune-transfer")
         return 0
-    # a single fine-tuning run, in process
-    from bratstune.training.fit import fit  # noqa: F401  (import check)
-    from bratstune.transfer import finetune, load_source, prepare_target
-
+    # a single fine-tuning run, in process (no Ray, no MLflow)
     work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-finetune-")).resolve()
-    source, target = args.source, args.target_data
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    if args.smoke_test:
-        source, target = study.smoke_inputs(work)
-        overrides = {**{k: v for k, v in study.SMOKE_CONFIG.items() if k != "model"}, **overrides}
-    if args.epochs:
-        overrides["epochs"] = args.epochs
-    if args.steps_per_epoch:
-        overrides["steps_per_epoch"] = args.steps_per_epoch
-    if not source or not target:
-        raise SystemExit("--source and --target-data are required (or --smoke-test)")
+    source, target, overrides = study.study_inputs(args, work)
     model = load_source(source, args.scheme_hint, member=args.member)
-    data, challenge = prepare_target(target, model, fill=study.parse_fill(args.fill) or None,
-                                     val_fraction=args.val_fraction, cache_root=work / "cache",
-                                     filled_dir=work / "filled")
-    result = finetune(model, data, overrides, freeze=args.freeze, out_dir=work / "finetune",
-                      challenge=args.target_challenge or challenge)
-    print(json.dumps({"best_dir": str(result.best_dir), "transfer": result.transfer,
-                      "metrics": {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}}, indent=2))
+    data, challenge = prepare_target(
+        target,
+        model,
+        fill=study.parse_fill(args.fill) or None,
+        val_fraction=args.val_fraction,
+        cache_root=work / "cache",
+        filled_dir=work / "filled",
+    )
+    result = finetune(
+        model,
+        data,
+        overrides,
+        freeze=args.freeze,
+        out_dir=work / "finetune",
+        challenge=args.target_challenge or challenge,
+    )
+    val = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
+    print(json.dumps({"best_dir": str(result.best_dir), "transfer": result.transfer, "metrics": val}, indent=2))
     return 0
 
 

@@ -6,28 +6,26 @@ Same arguments as ``bratstune promote``; ``--smoke-test`` trains two tiny member
 cohort first. Cross-validation will call it with its fold models and out-of-fold metric
 (``--cv-run``, ``--metric-value``).
 """
-from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (puts platform/ on sys.path)
+from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
+import _bootstrap
+from bratstune.commands import promote
 
+
+@_bootstrap.error_tail
 def main(argv: list[str] | None = None) -> int:
-    from bratstune.commands import promote
-    from bratstune.errors import BratstuneError
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     promote.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return promote.run(args)
-    except BratstuneError as exc:
-        print(f"promote_ensemble: error: {exc}", file=sys.stderr)
-        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    return promote.run(args)  # MLflow set-up is the command's (bratstune promote)
 
 
 if __name__ == "__main__":

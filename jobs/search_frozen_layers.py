@@ -4,6 +4,7 @@
     python jobs/search_frozen_layers.py --smoke-test
     ray job submit --working-dir . -- python jobs/search_frozen_layers.py --data /data/BraTS-PED
 """
+
 from __future__ import annotations
 
 import sys

@@ -10,15 +10,18 @@ Ray. Without ``--data`` it generates the synthetic GLI cohort into ``bratstune.p
 Results persist under ``--storage-path`` (default ``.bratstune/results/search``); MLflow goes to
 ``$MLFLOW_TRACKING_URI`` or ``.bratstune/mlflow.db``.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import _bootstrap
+from bratstune.search.data import prepare_data, synthetic_cohort
+from bratstune.search.space import load_search_space
+from bratstune.search.tune import run_search
 
 DEFAULT_SPACE = _bootstrap.ROOT / "search_spaces" / "losses.yaml"
 
@@ -29,7 +32,9 @@ def build_parser(default_space: Path = DEFAULT_SPACE, description: str | None = 
     parser.add_argument("--data", type=Path, default=None, help="cohort folder (default: synthetic GLI cohort)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny CPU-only search (the space's smoke profile)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
-    parser.add_argument("--name", default=None, help="experiment name (default <space>-<timestamp>; with --resume the latest)")
+    parser.add_argument(
+        "--name", default=None, help="experiment name (default <space>-<timestamp>; with --resume the latest)"
+    )
     parser.add_argument("--storage-path", default=None, help="Tune storage: folder, shared path or URI")
     parser.add_argument("--address", default=None, help="Ray address (default $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
@@ -40,41 +45,29 @@ def build_parser(default_space: Path = DEFAULT_SPACE, description: str | None = 
     return parser
 
 
+@_bootstrap.error_tail
 def main(argv: list[str] | None = None, *, default_space: Path = DEFAULT_SPACE, description: str | None = None) -> int:
     args = build_parser(default_space, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    import ray
-
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
-    from bratstune.errors import BratstuneError
-    from bratstune.search.space import load_search_space
-
-    try:
-        spec = load_search_space(args.space)
-        if args.smoke_test:
-            spec = spec.smoke_variant()
-        if args.num_samples:
-            spec = spec.with_changes(num_samples=args.num_samples)
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else args.num_cpus,
-                 runtime_env=_bootstrap.runtime_env(), include_dashboard=False if not address else None)
-        experiment_id = tracking.setup_mlflow(args.experiment)
+    spec = load_search_space(args.space)
+    if args.smoke_test:
+        spec = spec.smoke_variant()
+    if args.num_samples:
+        spec = spec.with_changes(num_samples=args.num_samples)
+    with _bootstrap.session(experiment=args.experiment, address=args.address, num_cpus=args.num_cpus) as session:
         data = args.data
         if data is None:
             cases = args.synthetic_cases or (8 if args.smoke_test else 16)
-            shape = (48, 48, 32) if args.smoke_test else (64, 64, 48)
-            data = search.synthetic_cohort(cases=cases, shape=shape)
-        handle = search.prepare_data(spec, data, workers=args.workers)
-        outcome = search.run_search(spec, handle, storage_path=args.storage_path, name=args.name,
-                                    resume=args.resume, experiment_id=experiment_id)
-    except BratstuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+            data = synthetic_cohort(cases=cases, shape=(48, 48, 32) if args.smoke_test else (64, 64, 48))
+        handle = prepare_data(spec, data, workers=args.workers)
+        outcome = run_search(
+            spec,
+            handle,
+            storage_path=args.storage_path,
+            name=args.name,
+            resume=args.resume,
+            experiment_id=session.experiment_id,
+        )
     print(f"search {outcome.name}: {len(outcome.table)} trials, {outcome.errors} errored; results in {outcome.path}")
     if outcome.best_config is not None:
         print(f"best {spec.metric} = {outcome.best_metric:.4f} (MLflow run {outcome.best_run_id})")

@@ -11,6 +11,7 @@ configuration takes milliseconds to a second); ``--address`` is accepted for sym
 other jobs and ignored. Results: one MLflow run (a child of the model's run when ``--model`` is
 a run id) with the best thresholds (``best_postprocess.yaml``), per-trial metrics, table and plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,15 @@ import sys
 from pathlib import Path
 
 import _bootstrap
+from bratstune.errors import ConfigError
+from bratstune.search.data import synthetic_cohort
+from bratstune.search.threshold_job import run_threshold_search
+from bratstune.search.threshold_space import load_threshold_space
 
 DEFAULT_SPACE = _bootstrap.ROOT / "search_spaces" / "thresholds.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="run id, runs:/ or models:/ URI, or a best/ folder")
     parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="kind: thresholds search space")
@@ -33,34 +38,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="device for the probability pass (cpu, cuda)")
     parser.add_argument("--experiment", default="bratstune-search", help="MLflow experiment name")
     parser.add_argument("--address", default=None, help="ignored (the search runs in this process)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_bootstrap.error_tail
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
-    from bratstune.errors import BratstuneError
-    from bratstune.search.thresholds import load_threshold_space, run_threshold_search
-
-    try:
-        spec = load_threshold_space(args.space)
-        if args.smoke_test:
-            spec = spec.smoke_variant()
-        if args.model is None and not args.smoke_test:
-            raise BratstuneError("--model is required (or --smoke-test to train a tiny one)")
-        experiment_id = tracking.setup_mlflow(args.experiment)
-        data = args.data or search.synthetic_cohort(cases=8 if args.smoke_test else 16,
-                                                    shape=(48, 48, 32) if args.smoke_test else (64, 64, 48))
-        outcome, run_id = run_threshold_search(spec, model=args.model, data=data, experiment_id=experiment_id,
-                                               tracking_uri=tracking.tracking_uri(), num_samples=args.num_samples,
-                                               device=args.device)
-    except BratstuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    spec = load_threshold_space(args.space)
+    if args.smoke_test:
+        spec = spec.smoke_variant()
+    if args.model is None and not args.smoke_test:
+        raise ConfigError("--model is required (or --smoke-test to train a tiny one)")
+    with _bootstrap.session(experiment=args.experiment, ray=False) as session:
+        data = args.data or synthetic_cohort(
+            cases=8 if args.smoke_test else 16, shape=(48, 48, 32) if args.smoke_test else (64, 64, 48)
+        )
+        outcome, run_id = run_threshold_search(
+            spec,
+            model=args.model,
+            data=data,
+            experiment_id=session.experiment_id,
+            tracking_uri=session.tracking_uri,
+            num_samples=args.num_samples,
+            device=args.device,
+        )
     print(f"{outcome.trials} configurations in {outcome.seconds:.1f} s ({outcome.per_minute:.0f}/min)")
     print(f"{spec.metric}: {outcome.best_metric:.4f} (default thresholds: {outcome.baseline_metric:.4f})")
     for key, value in outcome.best_values.items():
         print(f"  {key}: {value}")
-    print(f"MLflow run {run_id}; compare: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    print(f"MLflow run {run_id}; compare: mlflow ui --backend-store-uri {session.tracking_uri}")
     return 0
 
 

@@ -10,6 +10,7 @@ region and their means, winner = best mean lesion-wise Dice), also printed.
     python jobs/transfer_study.py --source models:/bratstune-gli@champion --target-data data/SSA \
         --target-challenge SSA --epochs 10 --steps-per-epoch 25
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,20 @@ import logging
 import math
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import _bootstrap  # noqa: F401  (puts platform/ on sys.path)
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import _bootstrap
+from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
+from bratstune.data.synthetic import generate_cohort
+from bratstune.errors import ConfigError
+from bratstune.labels import scheme_for
+from bratstune.training.fit import fit
+from bratstune.transfer import evaluate_source, finetune, finetune_config, load_source, prepare_target
 
 logger = logging.getLogger("transfer_study")
 
@@ -35,7 +46,10 @@ SMOKE_CONFIG = {
     "model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supr_num": 1}},
     "data": {"patch_size": [24, 24, 24], "batch_size": 2, "num_workers": 0},
     "optim": {"lr": 1.0e-2},
-    "epochs": 1, "steps_per_epoch": 4, "num_threads": 1, "seed": 0,
+    "epochs": 1,
+    "steps_per_epoch": 4,
+    "num_threads": 1,
+    "seed": 0,
 }
 
 
@@ -44,21 +58,22 @@ def parse_fill(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         key, _, value = item.partition("=")
         if not value:
-            raise SystemExit(f"--fill {item!r}: expected MODALITY=SOURCE, e.g. t1n=t1c or t1n=zeros")
+            raise ConfigError(f"--fill {item!r}: expected MODALITY=SOURCE, e.g. t1n=t1c or t1n=zeros")
         out[key.strip()] = value.strip()
     return out
 
 
 def run_variant(config: Mapping[str, Any]) -> dict[str, float]:
     """One variant (also the Ray Tune function trainable's body). Returns its ``val/`` metrics."""
-    from bratstune.training.fit import fit
-    from bratstune.transfer import evaluate_source, finetune, finetune_config, load_source, prepare_target
-
     variant = config["variant"]
     source = load_source(config["source"], config.get("scheme_hint"), member=int(config.get("member", 0)))
     data, challenge = prepare_target(
-        config["target_data"], source, fill=config.get("fill") or None, val_fraction=float(config["val_fraction"]),
-        seed=int(config.get("seed", 0)), cache_root=Path(config["cache_root"]) if config.get("cache_root") else None,
+        config["target_data"],
+        source,
+        fill=config.get("fill") or None,
+        val_fraction=float(config["val_fraction"]),
+        seed=int(config.get("seed", 0)),
+        cache_root=Path(config["cache_root"]) if config.get("cache_root") else None,
         filled_dir=Path(config["out_dir"]) / "filled",
     )
     challenge = config.get("challenge") or challenge
@@ -76,13 +91,16 @@ def run_variant(config: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    import mlflow
-    from ray import tune
+    # Deferred: ray must be imported after _bootstrap keeps it on loopback (isort puts third-party first).
+    from ray import tune  # noqa: PLC0415
 
     status = "FAILED"
-    run = mlflow.start_run(run_name=config["variant"], experiment_id=config["experiment_id"],
-                           parent_run_id=config["parent_run_id"],
-                           tags={"ray_trial_id": tune.get_context().get_trial_id(), "variant": config["variant"]})
+    run = mlflow.start_run(
+        run_name=config["variant"],
+        experiment_id=config["experiment_id"],
+        parent_run_id=config["parent_run_id"],
+        tags={"ray_trial_id": tune.get_context().get_trial_id(), "variant": config["variant"]},
+    )
     try:
         mlflow.log_params({"variant": config["variant"], "source": config["source"]})
         metrics = run_variant(config)
@@ -103,8 +121,12 @@ def _trainable(config: dict[str, Any]) -> None:
 
 def study_table(rows: Mapping[str, Mapping[str, float]], regions: Sequence[str]) -> tuple[str, str, str | None]:
     """``(markdown, csv, winner)`` of lesion-wise Dice/HD95 per region and means."""
-    columns = [*(f"dice_lesion_{r}" for r in regions), "dice_lesion_mean", *(f"hd95_lesion_{r}" for r in regions),
-               "hd95_lesion_mean"]
+    columns = [
+        *(f"dice_lesion_{r}" for r in regions),
+        "dice_lesion_mean",
+        *(f"hd95_lesion_{r}" for r in regions),
+        "hd95_lesion_mean",
+    ]
     scored = {v: m.get(WINNER_METRIC, float("nan")) for v, m in rows.items()}
     finite = {v: s for v, s in scored.items() if math.isfinite(s)}
     winner = max(finite, key=finite.get) if finite else None
@@ -125,10 +147,6 @@ def study_table(rows: Mapping[str, Mapping[str, float]], regions: Sequence[str])
 
 def smoke_inputs(work: Path) -> tuple[str, str]:
     """A seeded GLI unet (trained 1 epoch on 4 procedural GLI cases) and a 6-case SSA cohort."""
-    from bratstune.data.synthetic import generate_cohort
-    from bratstune.training.fit import fit
-    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
-
     generate_cohort(work / "gli", challenge="GLI", cases=4, shape=(32, 32, 32), anatomy="procedural", seed=0, workers=1)
     generate_cohort(work / "ssa", challenge="SSA", cases=6, shape=(32, 32, 32), anatomy="procedural", seed=1, workers=1)
     prepared = prepare_cohort(work / "gli", preprocess_config(None), cache_root=work / "cache")
@@ -137,16 +155,12 @@ def smoke_inputs(work: Path) -> tuple[str, str]:
     return str(work / "source"), str(work / "ssa")
 
 
-def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: str) -> dict[str, dict[str, float]]:
-    """Run ``variants`` as a Ray Tune grid with MLflow child runs; return ``{variant: metrics}``."""
-    import mlflow
-    import ray
-    from ray import tune
+def study_inputs(args: argparse.Namespace, work: Path) -> tuple[str, str, dict[str, Any]]:
+    """``(source, target, config overrides)`` of the flags (``--smoke-test``: :func:`smoke_inputs`).
 
-    from bratstune.tracking.runs import setup_mlflow
-
-    work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-transfer-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    Raises:
+        ConfigError: no ``--source`` / ``--target-data`` and no ``--smoke-test``.
+    """
     source, target = args.source, args.target_data
     overrides = json.loads(args.overrides) if args.overrides else {}
     if args.smoke_test:
@@ -157,60 +171,57 @@ def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: st
     if args.steps_per_epoch:
         overrides["steps_per_epoch"] = args.steps_per_epoch
     if not source or not target:
-        raise SystemExit("--source and --target-data are required (or --smoke-test)")
+        raise ConfigError("--source and --target-data are required (or --smoke-test)")
     if Path(str(source)).expanduser().exists():  # trials run in their own working directories
         source = str(Path(str(source)).expanduser().resolve())
-    experiment_id = setup_mlflow(args.experiment)
-    client = mlflow.tracking.MlflowClient()
-    parent = client.create_run(experiment_id, run_name=title,
-                               tags={"bratstune.kind": "transfer", "source": str(source), "target": str(target)})
-    parent_id = parent.info.run_id
-    base = {
-        "source": str(source), "target_data": str(Path(target).resolve()), "challenge": args.target_challenge,
-        "member": args.member, "fill": parse_fill(args.fill), "overrides": overrides, "val_fraction": args.val_fraction,
-        "cache_root": str(work / "cache"), "out_dir": str(work), "experiment_id": experiment_id,
-        "parent_run_id": parent_id, "scheme_hint": args.scheme_hint, "seed": 0,
-    }
+    return str(source), str(target), overrides
+
+
+def _start_parent(client: MlflowClient, experiment_id: str, title: str, base: dict[str, Any], target: str) -> str:
+    tags = {"bratstune.kind": "transfer", "source": base["source"], "target": target}
+    parent_id = client.create_run(experiment_id, run_name=title, tags=tags).info.run_id
     for key, value in base.items():
         if key not in ("parent_run_id", "experiment_id", "overrides", "fill"):
             client.log_param(parent_id, key, value)
-    client.log_param(parent_id, "overrides", json.dumps(overrides))
-    # prepare the target once in the driver (cache, modality check) so trials only read
-    from bratstune.transfer import load_source, prepare_target
+    client.log_param(parent_id, "overrides", json.dumps(base["overrides"]))
+    return parent_id
 
-    prepare_target(base["target_data"], load_source(source, args.scheme_hint, member=args.member),
-                   fill=base["fill"] or None, val_fraction=args.val_fraction, cache_root=work / "cache",
-                   filled_dir=work / "filled")
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env=_bootstrap.runtime_env() or None, ignore_reinit_error=True)
-    status = "FAILED"
-    try:
-        tuner = tune.Tuner(
-            tune.with_resources(_trainable, {"cpu": 1}),
-            param_space={**base, "variant": tune.grid_search(list(variants))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=args.cpus),
-            run_config=tune.RunConfig(name=title, storage_path=str(work / "ray"),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
-        )
-        grid = tuner.fit()
-        rows: dict[str, dict[str, float]] = {}
-        for result in grid:
-            variant = result.config["variant"]
-            if result.error is not None:
-                logger.error("variant %s failed: %s", variant, result.error)
-                rows[variant] = {}
-            else:
-                rows[variant] = {k: v for k, v in (result.metrics or {}).items()
-                                 if isinstance(k, str) and k.startswith("val/")}
-        rows = {v: rows.get(v, {}) for v in variants}
-        status = "FINISHED"
-    finally:
-        ray.shutdown()
-        if status != "FINISHED":
-            client.set_terminated(parent_id, status)
-    from bratstune.labels import scheme_for
 
-    regions = scheme_for(args.target_challenge or "GLI").regions if args.target_challenge else ("WT", "TC", "ET")
+def _run_grid(
+    base: dict[str, Any], variants: Sequence[str], *, title: str, cpus: int, work: Path
+) -> dict[str, dict[str, float]]:
+    """The variants as one Ray Tune grid (Ray must be initialised); ``{variant: val/ metrics}``."""
+    # Deferred: ray must be imported after _bootstrap keeps it on loopback (isort puts third-party first).
+    from ray import tune  # noqa: PLC0415
+
+    tuner = tune.Tuner(
+        tune.with_resources(_trainable, {"cpu": 1}),
+        param_space={**base, "variant": tune.grid_search(list(variants))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cpus),
+        run_config=tune.RunConfig(
+            name=title,
+            storage_path=str(work / "ray"),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+    rows: dict[str, dict[str, float]] = {}
+    for result in tuner.fit():
+        variant = result.config["variant"]
+        if result.error is not None:
+            logger.error("variant %s failed: %s", variant, result.error)
+            rows[variant] = {}
+        else:
+            metrics = result.metrics or {}
+            rows[variant] = {k: v for k, v in metrics.items() if isinstance(k, str) and k.startswith("val/")}
+    return {v: rows.get(v, {}) for v in variants}
+
+
+def _finish_parent(
+    client: MlflowClient, parent_id: str, rows: Mapping[str, Mapping[str, float]], target: str | None
+) -> str | None:
+    """The study table on the parent run (and printed); returns the winner."""
+    regions = scheme_for(target or "GLI").regions if target else ("WT", "TC", "ET")
     regions = [r for r in regions if any(f"val/dice_lesion_{r}" in m for m in rows.values())] or list(regions)
     markdown, table_csv, winner = study_table(rows, regions)
     client.log_text(parent_id, markdown, "transfer_table.md")
@@ -220,6 +231,50 @@ def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: st
         client.log_metric(parent_id, "winner_dice_lesion_mean", rows[winner][WINNER_METRIC])
     client.set_terminated(parent_id, "FINISHED")
     print(markdown)
+    return winner
+
+
+def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: str) -> dict[str, dict[str, float]]:
+    """Run ``variants`` as a Ray Tune grid with MLflow child runs; return ``{variant: metrics}``."""
+    work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-transfer-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    source, target, overrides = study_inputs(args, work)
+    # Ray (a local one of --cpus CPUs, or $RAY_ADDRESS) and MLflow for the whole study.
+    with _bootstrap.session(experiment=args.experiment, num_cpus=args.cpus, log_to_driver=False) as session:
+        client = MlflowClient()
+        base = {
+            "source": source,
+            "target_data": str(Path(target).resolve()),
+            "challenge": args.target_challenge,
+            "member": args.member,
+            "fill": parse_fill(args.fill),
+            "overrides": overrides,
+            "val_fraction": args.val_fraction,
+            "cache_root": str(work / "cache"),
+            "out_dir": str(work),
+            "experiment_id": session.experiment_id,
+            "parent_run_id": None,
+            "scheme_hint": args.scheme_hint,
+            "seed": 0,
+        }
+        base["parent_run_id"] = parent_id = _start_parent(client, session.experiment_id, title, base, target)
+        status = "FAILED"
+        try:
+            # prepare the target once in the driver (cache, modality check) so trials only read
+            prepare_target(
+                base["target_data"],
+                load_source(source, args.scheme_hint, member=args.member),
+                fill=base["fill"] or None,
+                val_fraction=args.val_fraction,
+                cache_root=work / "cache",
+                filled_dir=work / "filled",
+            )
+            rows = _run_grid(base, variants, title=title, cpus=args.cpus, work=work)
+            status = "FINISHED"
+        finally:
+            if status != "FINISHED":
+                client.set_terminated(parent_id, status)
+    winner = _finish_parent(client, parent_id, rows, args.target_challenge)
     print(f"winner: {winner}  (MLflow parent run {parent_id}, outputs {work})")
     return rows
 
@@ -232,7 +287,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--target-data", help="target cohort folder")
     p.add_argument("--target-challenge", default=None, help="GLI, SSA, PED ... (lesion-wise rules); default from names")
     p.add_argument("--fill", action="append", help="fill a missing modality: t1n=t1c or t1n=zeros (repeatable)")
-    p.add_argument("--overrides", default=None, help='JSON of config overrides, e.g. \'{"optim.lr": 3e-4}\'')
+    p.add_argument("--overrides", default=None, help="JSON of config overrides, e.g. '{\"optim.lr\": 3e-4}'")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--val-fraction", type=float, default=0.25)
@@ -243,6 +298,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+@_bootstrap.error_tail
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser(__doc__.splitlines()[0]).parse_args(argv)

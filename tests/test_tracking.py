@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bratstune.data.fingerprint import data_fingerprint
+from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking import runs as tracking
 from bratstune.training.fit import EpochReport
 from bratstune.training.config import load_train_config
@@ -54,7 +55,7 @@ def test_run_logs_params_metrics_tags_and_artifacts(tmp_path):
     config = load_train_config({"loss": {"weights": {"dice": 1.0, "ce": 0.5}}, "epochs": 2})
 
     with tracking.start_run(run_name="r", experiment_id=experiment_id, data_fingerprint="abc123", config=config) as run:
-        reporter = tracking.MlflowReporter()
+        reporter = MlflowReporter()
         reporter(EpochReport(1, {"train/loss": 1.0, "val/dice_mean": 0.5, "time/compute_s": 0.1}, None, True, True, best))
         reporter(EpochReport(2, {"train/loss": 0.5, "val/dice_mean": 0.5, "val/dice_ET": float("nan")}, None, False, False, best))
         run_id = run.info.run_id

@@ -4,6 +4,7 @@
 child runs, one OOF probability file per case, a loadable 3-member ensemble shipping the tuned
 thresholds, tuned OOF score >= default, and registration + promotion to ``champion``.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import tempfile
 import time
 
 import pytest
-
 
 # Before this process first talks to Ray (see tests/search/test_search_ray.py and STACK-NOTES).
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -38,8 +38,13 @@ def local_ray(monkeypatch):
     for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
-             log_to_driver=bool(os.environ.get('CV_DEBUG')))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        configure_logging=False,
+        log_to_driver=bool(os.environ.get("CV_DEBUG")),
+    )
     try:
         yield temp_dir
     finally:
@@ -54,21 +59,38 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from bratstune.search import crossval
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
     from bratstune.data.layout import discover
     from bratstune.ensemble.package import Ensemble
+    from bratstune.search import crossval
+    from bratstune.search.data import synthetic_cohort
+    from bratstune.tracking import runs as tracking
 
     started = time.perf_counter()
-    cohort = search.synthetic_cohort(cases=9, shape=(40, 40, 32), anatomy="procedural", root=tmp_path / "data")
+    cohort = synthetic_cohort(cases=9, shape=(40, 40, 32), anatomy="procedural", root=tmp_path / "data")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = tracking.setup_mlflow("cv-test", uri=uri)
 
+    spec = crossval.CrossValSpec.from_mapping(
+        {
+            "folds": 3,
+            "seed": 0,
+            "storage_path": str(tmp_path / "results"),
+            "name": "cv-test",
+            "threshold_trials": 12,
+            "search_run_id": "0" * 32,
+            "resources": {"cpu": 1},
+            "register": "bratstune-gli",
+            "promote": True,
+        }
+    )
     outcome = crossval.cross_validate(
-        CONFIG, cohort, k=3, seed=0, storage_path=tmp_path / "results", name="cv-test", threshold_trials=12,
-        experiment_id=experiment_id, search_run_id="0" * 32, resources={"cpu": 1}, tracking_uri=uri,
-        cache_root=tmp_path / "cache", register="bratstune-gli", promote=True, verbose=0,
+        CONFIG,
+        cohort,
+        spec,
+        experiment_id=experiment_id,
+        tracking_uri=uri,
+        cache_root=tmp_path / "cache",
+        verbose=0,
     )
 
     # MLflow: one parent, three FINISHED fold children with per-epoch and OOF metrics
@@ -76,8 +98,9 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["bratstune.kind"] == "crossval"
-    children = client.search_runs([experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'"
+    )
     assert len(children) == 3
     assert sorted(c.data.tags["cv.fold"] for c in children) == ["0", "1", "2"]
     assert sorted(c.info.run_name.split("-")[0] for c in children) == ["fold0", "fold1", "fold2"]
@@ -87,8 +110,13 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
         assert "train/loss" in child.data.metrics and "val/dice_mean" in child.data.metrics
         assert "oof/dice_lesion_mean" in child.data.metrics
         assert any(a.path.startswith("best_model") for a in client.list_artifacts(child.info.run_id))
-    for key in ("fold0/oof/dice_lesion_WT", "fold2/oof/dice_lesion_mean", "oof_default/dice_lesion_ET",
-                "oof_tuned/dice_lesion_mean", "cv/dice_lesion_mean"):
+    for key in (
+        "fold0/oof/dice_lesion_WT",
+        "fold2/oof/dice_lesion_mean",
+        "oof_default/dice_lesion_ET",
+        "oof_tuned/dice_lesion_mean",
+        "cv/dice_lesion_mean",
+    ):
         assert key in parent.data.metrics, key
 
     # every case has exactly one OOF file; folds partition the cohort
@@ -128,9 +156,9 @@ def test_config_comes_from_a_search_parent_run_and_label_mode_is_refused(tmp_pat
     import yaml
     from mlflow.tracking import MlflowClient
 
+    from bratstune.errors import ConfigError
     from bratstune.search import crossval
     from bratstune.tracking import runs as tracking
-    from bratstune.errors import ConfigError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = tracking.setup_mlflow("search", uri=uri)
@@ -143,4 +171,34 @@ def test_config_comes_from_a_search_parent_run_and_label_mode_is_refused(tmp_pat
         crossval.resolve_config(preset="unet", from_search=run_id)
     label_mode = {**CONFIG, "loss": {"weights": {"dice": 1.0, "ce": 1.0}, "mode": "label"}}
     with pytest.raises(ConfigError, match="loss.mode: region"):
-        crossval.cross_validate(label_mode, tmp_path / "no-data", k=3)
+        crossval.cross_validate(label_mode, tmp_path / "no-data", crossval.CrossValSpec(folds=3))
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"fold": 3}, "did you mean 'folds'"),
+        ({"folds": 1}, "k >= 2"),
+        ({"threshold_trials": 0}, "threshold_trials"),
+        ({"resources": {"cpu": 0}}, "resources.cpu"),
+        ({"resources": {"cpus": 1}}, "did you mean 'cpu'"),
+        ({"promote": "maybe"}, "true/false"),
+    ],
+)
+def test_crossval_spec_validation_names_the_fix(mapping, message):
+    from bratstune.errors import ConfigError
+    from bratstune.search.crossval import CrossValSpec
+
+    with pytest.raises(ConfigError, match=message):
+        CrossValSpec.from_mapping(mapping)
+
+
+def test_crossval_spec_loads_from_yaml(tmp_path):
+    from bratstune.search.crossval import CrossValSpec, load_crossval_spec
+
+    path = tmp_path / "cv.yaml"
+    path.write_text("folds: 3\nresources: {cpu: 2, gpu: 0.5}\nregister: bratstune-gli\npromote: true\n")
+    spec = load_crossval_spec(path)
+    assert spec == CrossValSpec(folds=3, resources=spec.resources, register="bratstune-gli", promote=True)
+    assert spec.resources.as_tune() == {"cpu": 2.0, "gpu": 0.5}
+    assert CrossValSpec().folds == 5 and CrossValSpec().experiment == "bratstune-cv"

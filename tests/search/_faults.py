@@ -4,6 +4,7 @@ The first trial that calls it claims ``marker`` (atomic create) and raises every
 retries included; every other trial trains normally. Shipped to Ray workers by value
 (``cloudpickle.register_pickle_by_value``), since tests/ is not importable there.
 """
+
 from __future__ import annotations
 
 import os

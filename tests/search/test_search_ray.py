@@ -5,6 +5,7 @@
 * a trial that raises is retried, ends in error, is recorded, and the search still completes;
 * a driver killed mid-search is resumed with ``--resume``: finished trials are kept, not re-run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,13 +94,25 @@ def ray_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are length-limited
     port, dash = _free_port(), _free_port()
     env = dict(os.environ, **RAY_ENV)
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           # every fixed default port gets a free one, so parallel clusters on the machine never collide
-           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-           f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-           f"--object-manager-port={_free_port()}"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        # every fixed default port gets a free one, so parallel clusters on the machine never collide
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     try:
         _wait_for_job_agent(f"http://127.0.0.1:{dash}")
@@ -115,7 +128,9 @@ def _runs(uri: str):
     runs = []
     for exp in client.search_experiments():
         runs.extend(client.search_runs([exp.experiment_id], max_results=1000))
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("bratstune.kind") == "search"]
+    parents = [
+        r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("bratstune.kind") == "search"
+    ]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, children
 
@@ -124,9 +139,21 @@ def test_submitted_smoke_job_records_parent_and_child_runs(ray_head, tmp_path):
     home = tmp_path / "home"
     uri = f"sqlite:///{home / 'mlflow.db'}"
     env_vars = {"BRATSTUNE_HOME": str(home), "MLFLOW_TRACKING_URI": uri, **RAY_ENV}
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
-           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-           sys.executable, "jobs/search_losses.py", "--smoke-test"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head["dashboard"],
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars}),
+        "--",
+        sys.executable,
+        "jobs/search_losses.py",
+        "--smoke-test",
+    ]
     env = dict(os.environ, **RAY_ENV)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -166,13 +193,14 @@ def driver(ray_head, monkeypatch):
 
 
 def test_a_failing_trial_is_recorded_and_the_search_completes(driver, tmp_path):
+    import importlib.util
+
     from ray import cloudpickle  # Ray's vendored copy is the one that pickles trainables
 
-    from bratstune.search import tune as search
-    from bratstune.tracking import runs as tracking
+    from bratstune.search.data import prepare_data, synthetic_cohort
     from bratstune.search.space import load_search_space
-
-    import importlib.util
+    from bratstune.search.tune import run_search
+    from bratstune.tracking import runs as tracking
 
     spec_ = importlib.util.spec_from_file_location("bratstune_test_faults", Path(__file__).with_name("_faults.py"))
     _faults = importlib.util.module_from_spec(spec_)
@@ -183,11 +211,17 @@ def test_a_failing_trial_is_recorded_and_the_search_completes(driver, tmp_path):
     experiment_id = tracking.setup_mlflow("failures", uri=uri)
     spec = load_search_space(ROOT / "search_spaces" / "losses.yaml").smoke_variant()
     spec = spec.with_changes(num_samples=3, failure=type(spec.failure)(max_failures=1))
-    cohort = search.synthetic_cohort(cases=6, shape=(48, 48, 32), root=tmp_path / "data")
-    data = search.prepare_data(spec, cohort, cache_root=tmp_path / "cache")
-    outcome = search.run_search(
-        spec, data, storage_path=tmp_path / "results", name="failing", tracking_uri=uri, experiment_id=experiment_id,
-        fit_fn=functools.partial(_faults.fail_one_trial, marker=str(tmp_path / "failed-trial")), verbose=0,
+    cohort = synthetic_cohort(cases=6, shape=(48, 48, 32), root=tmp_path / "data")
+    data = prepare_data(spec, cohort, cache_root=tmp_path / "cache")
+    outcome = run_search(
+        spec,
+        data,
+        storage_path=tmp_path / "results",
+        name="failing",
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        fit_fn=functools.partial(_faults.fail_one_trial, marker=str(tmp_path / "failed-trial")),
+        verbose=0,
     )
     failed_id = (tmp_path / "failed-trial").read_text().strip()
     rows = {r["trial_id"]: r for r in outcome.table}
@@ -208,8 +242,19 @@ def test_killed_search_resumes_and_keeps_finished_trials(ray_head, tmp_path):
     home, storage = tmp_path / "home", tmp_path / "results"
     uri = f"sqlite:///{home / 'mlflow.db'}"
     env = dict(os.environ, BRATSTUNE_HOME=str(home), MLFLOW_TRACKING_URI=uri, TUNE_GLOBAL_CHECKPOINT_S="1", **RAY_ENV)
-    args = [sys.executable, "jobs/search_losses.py", "--smoke-test", "--num-samples", "4", "--address",
-            ray_head["address"], "--name", "resumable", "--storage-path", str(storage)]
+    args = [
+        sys.executable,
+        "jobs/search_losses.py",
+        "--smoke-test",
+        "--num-samples",
+        "4",
+        "--address",
+        ray_head["address"],
+        "--name",
+        "resumable",
+        "--storage-path",
+        str(storage),
+    ]
     from bratstune.tracking import runs as tracking
 
     tracking.setup_mlflow("bratstune-search", uri=uri)  # schema once, before two processes open the store
@@ -230,8 +275,9 @@ def test_killed_search_resumes_and_keeps_finished_trials(ray_head, tmp_path):
             if finished:
                 time.sleep(3)  # let Tune snapshot the experiment state (TUNE_GLOBAL_CHECKPOINT_S=1)
                 break
-        assert first.poll() is None, "the search ended before it could be interrupted:\n" + (
-            tmp_path / "first.log").read_text()[-3000:]
+        assert first.poll() is None, (
+            "the search ended before it could be interrupted:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        )
         assert finished, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         if first.poll() is None:
@@ -239,8 +285,9 @@ def test_killed_search_resumes_and_keeps_finished_trials(ray_head, tmp_path):
         first.wait(timeout=30)
         log.close()
     client = MlflowClient(uri)
-    finished_before = {c.data.tags["ray_trial_id"]: c.info.run_id for c in
-                       (client.get_run(f.info.run_id) for f in finished)}
+    finished_before = {
+        c.data.tags["ray_trial_id"]: c.info.run_id for c in (client.get_run(f.info.run_id) for f in finished)
+    }
 
     second = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]

@@ -1,4 +1,5 @@
 """Search-space YAML: every shipped file loads; validation names the problem and the fix."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +9,10 @@ import pytest
 import yaml
 
 from bratstune.errors import ConfigError
-from bratstune.search.space import (
-    DISTRIBUTIONS,
-    load_search_space,
-    load_space_file,
-    make_sampler,
-    parse_spec,
-)
-from bratstune.search.thresholds import ThresholdSpec, parse_threshold_space
+from bratstune.search.params import DISTRIBUTIONS
+from bratstune.search.sections import make_sampler
+from bratstune.search.space import load_search_space, load_space_file, parse_spec
+from bratstune.search.threshold_space import ThresholdSpec, parse_threshold_space
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -29,7 +26,8 @@ def _minimal(**changes):
         "metric": "val/dice_mean",
         "mode": "max",
         "num_samples": 4,
-        "base": {"epochs": 4},
+        # ce keeps a positive weight when dice draws 0 (LossConfig refuses all-zero weights)
+        "base": {"epochs": 4, "loss": {"weights": {"dice": 1.0, "ce": 1.0}}},
         "params": {"loss.weights.dice": {"distribution": "uniform", "low": 0.0, "high": 2.0}},
     }
     raw.update(changes)
@@ -94,18 +92,23 @@ def test_unknown_distribution_suggests_the_closest_name():
         ({"params": {"loss.weights.dice": {"distribution": "loguniform", "low": 0.0, "high": 1.0}}}, "needs low > 0"),
         ({"params": {"loss.weights.dice": {"distribution": "uniform", "low": 2, "high": 1}}}, "must not exceed"),
         ({"params": {"loss.weights.dice": {"distribution": "uniform", "low": 0, "high": 1, "hig": 2}}}, "did you mean"),
-        ({"params": {"loss.alpha": {"distribution": "uniform", "low": 0.1, "high": 0.9, "when": "_x == 1"}}},
-         "defined before"),
-        ({"params": {"loss.alpha": {"distribution": "uniform", "low": 0, "high": 1, "when": "alpha is big"}}},
-         "cannot read condition"),
+        (
+            {"params": {"loss.alpha": {"distribution": "uniform", "low": 0.1, "high": 0.9, "when": "_x == 1"}}},
+            "defined before",
+        ),
+        (
+            {"params": {"loss.alpha": {"distribution": "uniform", "low": 0, "high": 1, "when": "alpha is big"}}},
+            "cannot read condition",
+        ),
         ({"params": {"loss.beta": {"distribution": "derived", "expr": "1 - __import__('os')"}}}, "unsupported"),
-        ({"params": {"model.kwargs.filterz": {"distribution": "categorical", "choices": [[8, 16, 32, 64]]}}},
-         "did you mean 'filters'"),
+        (
+            {"params": {"model.kwargs.filterz": {"distribution": "categorical", "choices": [[8, 16, 32, 64]]}}},
+            "did you mean 'filters'",
+        ),
         ({"scheduler": {"type": "hyperband"}}, "unknown scheduler.type"),
         ({"search": {"algorithm": "tpe2"}}, "did you mean 'tpe'"),
         ({"scheduler": {"max_t": 10}}, "exceeds base epochs"),
-        ({"params": {"data.patch_size": {"distribution": "categorical", "choices": [[0, 1, 2]]}}},
-         "data.patch_size"),
+        ({"params": {"data.patch_size": {"distribution": "categorical", "choices": [[0, 1, 2]]}}}, "data.patch_size"),
         ({"params": {"data.preprocess.margin": {"distribution": "int", "low": 0, "high": 4}}}, "prepared once"),
     ],
 )
@@ -164,6 +167,9 @@ def test_threshold_space_validation():
         parse_threshold_space(bad)
     bad = dict(raw, params={"thresholds.WT": {"distribution": "uniform", "low": 0.1, "high": 1.5}})
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        parse_threshold_space(bad)
+    bad = dict(raw, params={"min_size.ET": {"distribution": "int", "low": -5, "high": 10}})
+    with pytest.raises(ConfigError, match="non-negative"):
         parse_threshold_space(bad)
     with pytest.raises(ConfigError, match="threshold search"):
         parse_spec(raw)

@@ -1,13 +1,16 @@
 """Driver-side Ray Tune callback that closes each trial's MLflow child run with its stop reason.
 
-Kept apart from :mod:`bratstune.search.tune` because it subclasses ``ray.tune.Callback`` at import
-time (Tune pickles callbacks into the experiment state, so the class must live at module level).
+Kept apart from :mod:`bratstune.search.tune` and :mod:`bratstune.search.trial` because it
+subclasses ``ray.tune.Callback`` at import time (Tune pickles callbacks into the experiment state,
+so the class must live at module level).
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from ray import tune
 
 logger = logging.getLogger(__name__)
@@ -38,8 +41,9 @@ class TrialRunCallback(tune.Callback):
     Holds only strings, so it pickles into Tune's experiment state and survives ``Tuner.restore``.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int,
-                 scheduler: str) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment_id: str, parent_run_id: str, max_epochs: int, scheduler: str
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -47,8 +51,6 @@ class TrialRunCallback(tune.Callback):
         self.scheduler = scheduler
 
     def _close(self, trial: Any, status: str, reason: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         try:
             client = MlflowClient(self.tracking_uri)
             run_id = find_trial_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)

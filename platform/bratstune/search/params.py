@@ -5,6 +5,7 @@ One :class:`ParamSpec` per ``params:`` entry of a search-space YAML (see
 ``ast`` into a tiny whitelisted evaluator (arithmetic, comparisons, ``min``/``max``/``abs``/
 ``round``) -- written by hand because no maintained library offers a safe evaluator this small.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,9 @@ import json
 import math
 import operator
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -73,8 +75,13 @@ def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str
 
 # -- expressions and conditions -------------------------------------------------------------------
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 _FUNCS = {"min": min, "max": max, "abs": abs, "round": round}
 _NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
 
@@ -155,8 +162,15 @@ class Expression:
         return float(ev(tree))
 
 
-_COMPARE = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
-            "<": operator.lt, "in": lambda a, b: a in b}
+_COMPARE = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+    "in": lambda a, b: a in b,
+}
 _CONDITION = re.compile(r"^\s*(?P<name>[A-Za-z_][\w.]*)\s*(?P<op>>=|<=|==|!=|>|<|\bin\b)\s*(?P<value>.+?)\s*$")
 
 
@@ -250,8 +264,9 @@ class ParamSpec:
         if d in ("uniform", "loguniform"):
             return trial.suggest_float(self.name, self.low, self.high, log=d == "loguniform", step=self.step)
         if d in ("int", "logint"):
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=d == "logint",
-                                     step=int(self.step or 1))
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), log=d == "logint", step=int(self.step or 1)
+            )
         if d == "categorical":
             label = trial.suggest_categorical(self.name, list(self.labels))
             return copy.deepcopy(self.choices[list(self.labels).index(label)])
@@ -260,7 +275,9 @@ class ParamSpec:
         return self.expr.evaluate(lookup)  # type: ignore[union-attr]
 
     def fallback(self, lookup: Callable[[str], Any]) -> Any:
-        return self.otherwise.evaluate(lookup) if isinstance(self.otherwise, Expression) else copy.deepcopy(self.otherwise)
+        return (
+            self.otherwise.evaluate(lookup) if isinstance(self.otherwise, Expression) else copy.deepcopy(self.otherwise)
+        )
 
     def probe_values(self) -> list[Any]:
         """Values that together exercise every edge of the distribution (for validation)."""
@@ -316,18 +333,17 @@ def _number(value: Any, where: str) -> float:
     return out
 
 
-def parse_param(name: str, entry: Any, where: str) -> ParamSpec:
-    """Validate one ``params`` entry (see the module docstring)."""
-    where = f"{where}.{name}"
-    if not _NAME.fullmatch(str(name)):
-        raise ConfigError(f"{where}: a parameter name is a dotted config path such as 'loss.weights.dice'")
+def _distribution(entry: Any, where: str) -> str:
+    """The entry's distribution, after checking its keys against the schema and the distribution."""
     if not isinstance(entry, Mapping):
         raise ConfigError(
             f"{where}: expected a mapping such as {{distribution: uniform, low: 0.0, high: 1.0}}, got {entry!r}"
         )
     for key in entry:
         if key not in _PARAM_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, _PARAM_KEYS)}; valid keys: {list(_PARAM_KEYS)}")
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{suggest(key, _PARAM_KEYS)}; valid keys: {list(_PARAM_KEYS)}"
+            )
     if "distribution" not in entry:
         raise ConfigError(f"{where}: missing 'distribution' (one of {list(DISTRIBUTIONS)})")
     dist = str(entry["distribution"])
@@ -344,37 +360,56 @@ def parse_param(name: str, entry: Any, where: str) -> ParamSpec:
     extra = sorted(set(entry) - allowed)
     if extra:
         raise ConfigError(f"{where}: key(s) {extra} do not apply to distribution '{dist}' (allowed: {sorted(allowed)})")
+    return dist
+
+
+def _bounds(entry: Mapping[str, Any], dist: str, where: str) -> dict[str, Any]:
+    """``low``, ``high`` and ``step`` of a numeric distribution."""
+    low, high = _number(entry["low"], f"{where}.low"), _number(entry["high"], f"{where}.high")
+    if low > high:
+        raise ConfigError(f"{where}: low ({low}) must not exceed high ({high})")
+    if dist in ("loguniform", "logint") and low <= 0:
+        raise ConfigError(f"{where}: '{dist}' needs low > 0, got {low} (use 'uniform' to include 0)")
+    if dist in ("int", "logint") and (not float(low).is_integer() or not float(high).is_integer()):
+        raise ConfigError(f"{where}: '{dist}' needs integer bounds, got {low}..{high}")
+    kwargs: dict[str, Any] = {"low": low, "high": high}
+    if entry.get("step") is not None:
+        step = _number(entry["step"], f"{where}.step")
+        if step <= 0:
+            raise ConfigError(f"{where}: step must be > 0, got {step}")
+        if dist == "logint" and step != 1:
+            raise ConfigError(f"{where}: 'logint' supports only step 1")
+        kwargs["step"] = step
+    return kwargs
+
+
+def _choices(raw: Any, where: str) -> dict[str, Any]:
+    """``choices`` and the ``labels`` Optuna stores for them (a list, or a mapping label -> value)."""
+    if isinstance(raw, Mapping):
+        labels, choices = tuple(str(k) for k in raw), tuple(raw.values())
+    elif isinstance(raw, (list, tuple)):
+        choices = tuple(raw)
+        labels = tuple(c if _is_scalar(c) else _label(c) for c in choices)
+    else:
+        raise ConfigError(f"{where}.choices: expected a list or a mapping label -> value, got {raw!r}")
+    if not choices:
+        raise ConfigError(f"{where}.choices: expected at least one choice")
+    if len(set(map(repr, labels))) != len(labels):
+        raise ConfigError(f"{where}.choices: duplicate choices {list(labels)}")
+    return {"choices": choices, "labels": labels}
+
+
+def parse_param(name: str, entry: Any, where: str) -> ParamSpec:
+    """Validate one ``params`` entry (see the module docstring)."""
+    where = f"{where}.{name}"
+    if not _NAME.fullmatch(str(name)):
+        raise ConfigError(f"{where}: a parameter name is a dotted config path such as 'loss.weights.dice'")
+    dist = _distribution(entry, where)
     kwargs: dict[str, Any] = {}
     if "low" in _REQUIRED[dist]:
-        low, high = _number(entry["low"], f"{where}.low"), _number(entry["high"], f"{where}.high")
-        if low > high:
-            raise ConfigError(f"{where}: low ({low}) must not exceed high ({high})")
-        if dist in ("loguniform", "logint") and low <= 0:
-            raise ConfigError(f"{where}: '{dist}' needs low > 0, got {low} (use 'uniform' to include 0)")
-        if dist in ("int", "logint") and (not float(low).is_integer() or not float(high).is_integer()):
-            raise ConfigError(f"{where}: '{dist}' needs integer bounds, got {low}..{high}")
-        kwargs.update(low=low, high=high)
-        if entry.get("step") is not None:
-            step = _number(entry["step"], f"{where}.step")
-            if step <= 0:
-                raise ConfigError(f"{where}: step must be > 0, got {step}")
-            if dist == "logint" and step != 1:
-                raise ConfigError(f"{where}: 'logint' supports only step 1")
-            kwargs["step"] = step
+        kwargs.update(_bounds(entry, dist, where))
     if dist == "categorical":
-        raw = entry["choices"]
-        if isinstance(raw, Mapping):
-            labels, choices = tuple(str(k) for k in raw), tuple(raw.values())
-        elif isinstance(raw, (list, tuple)):
-            choices = tuple(raw)
-            labels = tuple(c if _is_scalar(c) else _label(c) for c in choices)
-        else:
-            raise ConfigError(f"{where}.choices: expected a list or a mapping label -> value, got {raw!r}")
-        if not choices:
-            raise ConfigError(f"{where}.choices: expected at least one choice")
-        if len(set(map(repr, labels))) != len(labels):
-            raise ConfigError(f"{where}.choices: duplicate choices {list(labels)}")
-        kwargs.update(choices=choices, labels=labels)
+        kwargs.update(_choices(entry["choices"], where))
     if dist == "constant":
         kwargs["value"] = entry["value"]
     if dist == "derived":
@@ -388,5 +423,3 @@ def parse_param(name: str, entry: Any, where: str) -> ParamSpec:
         kwargs["otherwise"] = Expression.parse(other, f"{where}.otherwise") if isinstance(other, str) else other
         kwargs["has_otherwise"] = True
     return ParamSpec(name=str(name), distribution=dist, **kwargs)
-
-

@@ -11,6 +11,7 @@
 
 logged as artifacts of the parent MLflow run and written next to the Tune experiment.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,20 +21,59 @@ import logging
 import math
 import re
 import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any
 
+import optuna
 import yaml
 
-if TYPE_CHECKING:
-    import optuna
-
-    from bratstune.search.tune import SearchOutcome
-    from bratstune.search.space import ParamSpec, SearchSpec
+from bratstune.search.callback import find_trial_run
+from bratstune.search.params import ParamSpec
+from bratstune.search.space import SearchSpec
+from bratstune.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finish_parent_run", "results_table", "rebuild_study", "save_plots", "write_csv"]
+__all__ = ["SearchOutcome", "finish_parent_run", "results_table", "rebuild_study", "save_plots", "write_csv"]
+
+
+@dataclass
+class SearchOutcome:
+    """What :func:`bratstune.search.tune.run_search` returns.
+
+    Attributes:
+        name: the experiment name (folder under ``storage_path``).
+        path: the experiment folder (``storage_path/name``), what ``resume`` restores.
+        parent_run_id: the MLflow parent run.
+        tracking_uri, experiment_id: where it lives.
+        best_values: the best trial's searched values (flat dotted names).
+        best_config: its full training config.
+        best_metric: its best value of ``spec.metric``.
+        best_run_id: its MLflow child run.
+        table: one row per trial (also ``results.csv``).
+        errors: number of trials that ended in error.
+    """
+
+    name: str
+    path: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment_id: str
+    best_values: dict[str, Any] = field(default_factory=dict)
+    best_config: TrainConfig | None = None
+    best_metric: float | None = None
+    best_run_id: str | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def ui_command(self) -> str:
+        """The command that opens these runs in the MLflow UI."""
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_\d+_")
 
@@ -96,13 +136,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _distribution(param: ParamSpec) -> optuna.distributions.BaseDistribution | None:
-    from optuna import distributions as d
-
+    d = optuna.distributions
     if param.distribution in ("uniform", "loguniform"):
         return d.FloatDistribution(param.low, param.high, log=param.distribution == "loguniform", step=param.step)
     if param.distribution in ("int", "logint"):
-        return d.IntDistribution(int(param.low), int(param.high), log=param.distribution == "logint",
-                                 step=int(param.step or 1))
+        return d.IntDistribution(
+            int(param.low), int(param.high), log=param.distribution == "logint", step=int(param.step or 1)
+        )
     if param.distribution == "categorical":
         return d.CategoricalDistribution(list(param.labels))
     return None  # constant / derived: not searched
@@ -119,8 +159,6 @@ def _optuna_value(param: ParamSpec, value: Any) -> Any:
 
 def rebuild_study(spec: SearchSpec, rows: Sequence[Mapping[str, Any]]) -> optuna.Study:
     """An in-memory Optuna study holding one trial per table row (for the visualisations)."""
-    import optuna
-
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     key = f"best {spec.metric}"
     for row in sorted(rows, key=lambda r: r["trial_id"]):
@@ -150,8 +188,13 @@ def rebuild_study(spec: SearchSpec, rows: Sequence[Mapping[str, Any]]) -> optuna
         ok = value is not None and math.isfinite(float(value))
         state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
         try:
-            trial = optuna.trial.create_trial(params=params, distributions=dists, value=float(value) if ok else None,
-                                              state=state, user_attrs={"trial_id": row["trial_id"]})
+            trial = optuna.trial.create_trial(
+                params=params,
+                distributions=dists,
+                value=float(value) if ok else None,
+                state=state,
+                user_attrs={"trial_id": row["trial_id"]},
+            )
         except ValueError as exc:
             logger.warning("trial %s left out of the plots: %s", row["trial_id"], exc)
             continue
@@ -165,13 +208,12 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     A plot that cannot be drawn (e.g. importances with fewer than two finished trials) is
     skipped with a warning.
     """
-    import warnings
-
-    import matplotlib
+    # Deferred: matplotlib (and Optuna's plots, which import it) is only needed once a search ends.
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from optuna.visualization import matplotlib as ovm  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -197,39 +239,53 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return out
 
 
-def finish_parent_run(client: Any, spec: SearchSpec, grid: Any, outcome: SearchOutcome,
-                      *, output_dir: Path | None = None) -> SearchOutcome:
-    """Fill ``outcome`` from ``grid`` and log table, best config and plots to the parent run."""
-    from bratstune.search.callback import find_trial_run
+def _record_best(client: Any, spec: SearchSpec, best: Mapping[str, Any], outcome: SearchOutcome) -> None:
+    """Fill ``outcome``'s best fields from the best table row; log them to the parent run."""
+    run_id = outcome.parent_run_id
+    prefix = "config/"
+    values = {k[len(prefix) :]: v for k, v in best.items() if k.startswith(prefix)}
+    values = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v) for k, v in values.items()}
+    outcome.best_values = values
+    outcome.best_config = spec.train_config(values)
+    outcome.best_metric = float(best[f"best {spec.metric}"])
+    outcome.best_run_id = best["mlflow_run_id"] or None
+    client.log_metric(run_id, f"best/{spec.metric}", outcome.best_metric)
+    for name, value in values.items():
+        client.log_param(run_id, f"best.{name}", str(value)[:6000])
+    client.set_tag(run_id, "best_trial_id", best["trial_id"])
+    if outcome.best_run_id:
+        client.set_tag(run_id, "best_run_id", outcome.best_run_id)
+    client.log_text(run_id, yaml.safe_dump(outcome.best_config.to_dict(), sort_keys=False), "best_config.yaml")
 
+
+def _write_outputs(output_dir: Path, text: str, outcome: SearchOutcome, plots: Path) -> None:
+    """``results.csv``, ``best_config.yaml`` and ``plots/`` next to the Tune experiment."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.csv").write_text(text)
+    if outcome.best_config is not None:
+        (output_dir / "best_config.yaml").write_text(yaml.safe_dump(outcome.best_config.to_dict(), sort_keys=False))
+    if plots.is_dir():
+        for path in plots.iterdir():
+            (output_dir / "plots").mkdir(exist_ok=True)
+            (output_dir / "plots" / path.name).write_bytes(path.read_bytes())
+
+
+def finish_parent_run(
+    client: Any, spec: SearchSpec, grid: Any, outcome: SearchOutcome, *, output_dir: Path | None = None
+) -> SearchOutcome:
+    """Fill ``outcome`` from ``grid`` and log table, best config and plots to the parent run."""
     run_id = outcome.parent_run_id
     rows = results_table(grid, spec)
     for row in rows:
         row["mlflow_run_id"] = find_trial_run(client, outcome.experiment_id, run_id, row["trial_id"]) or ""
     outcome.table = rows
     outcome.errors = sum(1 for r in rows if r["status"] == "ERROR")
-    key = f"best {spec.metric}"
-    total_epochs = sum(int(r["epochs"] or 0) for r in rows)
     client.log_metric(run_id, "search/trials", len(rows))
     client.log_metric(run_id, "search/errored_trials", outcome.errors)
-    client.log_metric(run_id, "search/trial_epochs", total_epochs)
-    scored = [r for r in rows if r[key] is not None]
+    client.log_metric(run_id, "search/trial_epochs", sum(int(r["epochs"] or 0) for r in rows))
+    scored = [r for r in rows if r[f"best {spec.metric}"] is not None]
     if scored:
-        best = scored[0]
-        prefix = "config/"
-        values = {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
-        values = {k: (json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v) for k, v in values.items()}
-        outcome.best_values = values
-        outcome.best_config = spec.train_config(values)
-        outcome.best_metric = float(best[key])
-        outcome.best_run_id = best["mlflow_run_id"] or None
-        client.log_metric(run_id, f"best/{spec.metric}", outcome.best_metric)
-        for name, value in values.items():
-            client.log_param(run_id, f"best.{name}", str(value)[:6000])
-        client.set_tag(run_id, "best_trial_id", best["trial_id"])
-        if outcome.best_run_id:
-            client.set_tag(run_id, "best_run_id", outcome.best_run_id)
-        client.log_text(run_id, yaml.safe_dump(outcome.best_config.to_dict(), sort_keys=False), "best_config.yaml")
+        _record_best(client, spec, scored[0], outcome)
     else:
         logger.warning("no trial reported %s: no best config", spec.metric)
     text = write_csv(rows)
@@ -237,16 +293,8 @@ def finish_parent_run(client: Any, spec: SearchSpec, grid: Any, outcome: SearchO
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "plots"
         if scored:
-            plots = save_plots(rebuild_study(spec, rows), folder)
-            for path in plots:
+            for path in save_plots(rebuild_study(spec, rows), folder):
                 client.log_artifact(run_id, str(path), "plots")
         if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "results.csv").write_text(text)
-            if outcome.best_config is not None:
-                (output_dir / "best_config.yaml").write_text(yaml.safe_dump(outcome.best_config.to_dict(), sort_keys=False))
-            if folder.is_dir():
-                for path in folder.iterdir():
-                    (output_dir / "plots").mkdir(exist_ok=True)
-                    (output_dir / "plots" / path.name).write_bytes(path.read_bytes())
+            _write_outputs(output_dir, text, outcome, folder)
     return outcome

@@ -24,7 +24,7 @@ A search-space file (``search_spaces/*.yaml``) declares *what* a search optimise
       loss.beta: {distribution: uniform, low: 0.1, high: 0.9,
                   when: "_constraint == free", otherwise: "1 - loss.alpha"}
 
-Distributions (:data:`DISTRIBUTIONS`): ``uniform``/``loguniform`` (``low``, ``high``, optional
+Distributions (:data:`bratstune.search.params.DISTRIBUTIONS`): ``uniform``/``loguniform`` (``low``, ``high``, optional
 ``step`` for ``uniform``), ``int``/``logint`` (``low``, ``high``, optional ``step``), ``categorical``
 (``choices``: a list, or a mapping label → value for values Optuna cannot store such as lists),
 ``constant`` (``value``) and ``derived`` (``expr``: arithmetic over earlier parameters and the
@@ -33,56 +33,47 @@ base config, e.g. ``1 - loss.alpha``).
 ``when`` (``NAME OP VALUE`` with ``OP`` in ``> >= < <= == != in``) makes a parameter conditional
 on earlier ones; when false the parameter is not sampled and the base config keeps its value,
 unless ``otherwise`` gives a constant or an expression. The loader checks every key against the
-schema (nearest-name suggestions), every parameter path against :class:`TrainConfig`, and every
-reference against the parameters defined before it.
+schema (nearest-name suggestions), every parameter path against :class:`TrainConfig` (loss-term
+names and weights included: :class:`~bratstune.training.config.LossConfig` is their one validator),
+and every reference against the parameters defined before it. The shared sections (``search``,
+``data``, ``resources``, ``scheduler``, ``failure``) and the sampler live in
+:mod:`bratstune.search.sections`; ``kind: thresholds`` files in :mod:`bratstune.search.threshold_space`.
 """
+
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
 
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
 from bratstune.errors import ConfigError
-from bratstune.search.params import (  # noqa: F401  (re-exported)
-    DISTRIBUTIONS,
-    META_PREFIX,
-    Condition,
-    Expression,
-    ParamSpec,
-    apply_values,
-    deep_merge,
-    get_path,
-    parse_param,
-    set_path,
+from bratstune.models import ARCHITECTURES, architecture_options
+from bratstune.presets import load_preset
+from bratstune.search.params import META_PREFIX, ParamSpec, apply_values, deep_merge, get_path, parse_param
+from bratstune.search.sections import (
+    MODES,
+    DataSpec,
+    FailureSpec,
+    ResourceSpec,
+    SchedulerSpec,
+    SearchAlgSpec,
 )
+from bratstune.search.threshold_space import ThresholdSpec, parse_threshold_space
 from bratstune.training.config import TrainConfig, load_train_config
 
-if TYPE_CHECKING:
-    import optuna
-
 __all__ = [
-    "ALGORITHMS",
-    "DISTRIBUTIONS",
-    "SCHEDULERS",
-    "Condition",
-    "FailureSpec",
-    "ParamSpec",
-    "ResourceSpec",
-    "SchedulerSpec",
-    "SearchAlgSpec",
+    "KINDS",
+    "SMOKE_DEFAULTS",
     "SearchSpec",
-    "apply_values",
     "demo_variant",
     "load_search_space",
     "load_space_file",
-    "make_sampler",
+    "parse_spec",
 ]
-
-SCHEDULERS = ("asha", "fifo")
-ALGORITHMS = ("tpe", "cmaes", "random")
-MODES = ("max", "min")
 
 #: What ``--smoke-test`` changes when the file's ``smoke`` section says nothing else: a few
 #: tiny CPU trials (2 epochs of 2 steps on 32³ patches, validation on 2 cases).
@@ -103,84 +94,6 @@ SMOKE_DEFAULTS: dict[str, Any] = {
 
 
 # -- the spec ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResourceSpec:
-    """Per-trial resources: CPUs (also torch threads) and a fraction or number of GPUs."""
-
-    cpu: float = 1.0
-    gpu: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.cpu <= 0:
-            raise ConfigError(f"resources.cpu: expected > 0 (fractions allowed), got {self.cpu!r}")
-        if self.gpu < 0:
-            raise ConfigError(f"resources.gpu: expected >= 0 (fractions allowed), got {self.gpu!r}")
-
-    def as_tune(self) -> dict[str, float]:
-        return {"cpu": float(self.cpu), "gpu": float(self.gpu)}
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """Trial scheduler: ``asha`` (early stopping) or ``fifo`` (every trial runs to the end).
-
-    ``max_t`` (epochs; default the base config's ``epochs``), ``grace_period`` (epochs before a
-    trial may be stopped) and ``reduction_factor`` (keep 1/η of the trials at each rung).
-    """
-
-    type: str = "asha"
-    max_t: int | None = None
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_choice(self.type, SCHEDULERS, "scheduler.type")
-        if self.grace_period < 1:
-            raise ConfigError(f"scheduler.grace_period: expected >= 1, got {self.grace_period!r}")
-        if self.reduction_factor <= 1:
-            raise ConfigError(f"scheduler.reduction_factor: expected > 1, got {self.reduction_factor!r}")
-        if self.max_t is not None and self.max_t < self.grace_period:
-            raise ConfigError(
-                f"scheduler: max_t ({self.max_t}) must be >= grace_period ({self.grace_period})"
-            )
-
-
-@dataclass(frozen=True)
-class SearchAlgSpec:
-    """Optuna sampler behind ``ray.tune.search.optuna.OptunaSearch``."""
-
-    algorithm: str = "tpe"
-    seed: int = 0
-    n_startup_trials: int = 4
-
-    def __post_init__(self) -> None:
-        check_choice(self.algorithm, ALGORITHMS, "search.algorithm")
-        if self.n_startup_trials < 0:
-            raise ConfigError(f"search.n_startup_trials: expected >= 0, got {self.n_startup_trials!r}")
-
-
-@dataclass(frozen=True)
-class FailureSpec:
-    """How often a crashed trial is retried (``ray.tune.FailureConfig(max_failures=...)``)."""
-
-    max_failures: int = 1
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """How the cohort is split and preprocessed before the search (once, shared by all trials)."""
-
-    val_fraction: float = 0.25
-    split_seed: int = 0
-    preprocess: dict[str, Any] = field(default_factory=dict)
-    share: str = "cache"  # "cache" (on-disk memmaps) or "object_store" (ray.put, no shared FS needed)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction: expected 0 < value < 1, got {self.val_fraction!r}")
-        check_choice(self.share, ("cache", "object_store"), "data.share")
 
 
 @dataclass(frozen=True)
@@ -293,16 +206,35 @@ def demo_variant(spec: SearchSpec, *, num_samples: int = 6, epochs: int = 4, ste
     """The ``make demo`` search: the smoke-sized CPU network, a few trials of a few epochs, ASHA
     with grace period 1 so early stopping is visible (about 2-3 minutes on 2 cores)."""
     smoke = spec.smoke_variant()
-    return _variant(smoke, {
-        "num_samples": num_samples,
-        "scheduler": {"type": "asha", "max_t": epochs, "grace_period": 1, "reduction_factor": 2},
-        "base": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "validation": {"max_cases": 4}},
-    }, "demo")
+    return _variant(
+        smoke,
+        {
+            "num_samples": num_samples,
+            "scheduler": {"type": "asha", "max_t": epochs, "grace_period": 1, "reduction_factor": 2},
+            "base": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "validation": {"max_cases": 4}},
+        },
+        "demo",
+    )
 
 
 KINDS = ("train", "thresholds")
-_TOP_KEYS = ("kind", "name", "description", "metric", "mode", "num_samples", "max_concurrent_trials", "resources",
-             "scheduler", "search", "failure", "data", "base", "params", "smoke")
+_TOP_KEYS = (
+    "kind",
+    "name",
+    "description",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_concurrent_trials",
+    "resources",
+    "scheduler",
+    "search",
+    "failure",
+    "data",
+    "base",
+    "params",
+    "smoke",
+)
 
 
 def _load_base(raw: Any, where: str, source: Path | None) -> dict[str, Any]:
@@ -320,8 +252,6 @@ def _load_base(raw: Any, where: str, source: Path | None) -> dict[str, Any]:
     if str(preset).endswith((".yaml", ".yml")):
         base = load_yaml(candidate)
     else:
-        from bratstune.presets import load_preset
-
         base = load_preset(str(preset))
     return deep_merge(base, raw)
 
@@ -334,8 +264,6 @@ def _section(cls: type, raw: Mapping[str, Any], key: str, where: str) -> Any:
 
 
 def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str) -> None:
-    from bratstune.training.losses import TERMS
-
     seen: list[str] = []
     for p in params:
         if p.name in seen:
@@ -345,8 +273,7 @@ def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str)
                 continue
             if ref.startswith(META_PREFIX) or ref in [q.name for q in params]:
                 raise ConfigError(
-                    f"{where}.params.{p.name}: refers to '{ref}', which must be defined before it"
-                    f"{suggest(ref, seen)}"
+                    f"{where}.params.{p.name}: refers to '{ref}', which must be defined before it{suggest(ref, seen)}"
                 )
             if get_path(base, ref) is None and get_path(load_train_config(base).to_dict(), ref) is None:
                 raise ConfigError(
@@ -362,14 +289,7 @@ def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str)
                 f"{where}.params.{p.name}: preprocessing is prepared once before the search and shared by all "
                 "trials; set it under data.preprocess of the space instead of searching it"
             )
-        if parts[:2] == ["loss", "weights"] and (len(parts) != 3 or parts[2] not in TERMS):
-            term = parts[2] if len(parts) > 2 else ""
-            raise ConfigError(
-                f"{where}.params.{p.name}: unknown loss term '{term}'{suggest(term, TERMS)}; expected one of {list(TERMS)}"
-            )
         if parts[:2] == ["model", "kwargs"] and len(parts) >= 3:
-            from bratstune.models import ARCHITECTURES, architecture_options
-
             known = sorted({k for arch in ARCHITECTURES for k in architecture_options(arch)})
             if parts[2] not in known:
                 raise ConfigError(
@@ -382,15 +302,13 @@ def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str)
                 raise ConfigError(f"{where}.params.{p.name} = {value!r}: {exc}") from None
 
 
-def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str | None = None) -> SearchSpec:
-    """Validate a search-space mapping (what :func:`load_search_space` reads from YAML)."""
-    where = where or str(source or "search space")
-    raw = dict(raw)
+def _check_top(raw: Mapping[str, Any], where: str) -> None:
+    """``kind: train`` (the default), known top-level keys, ``metric`` and ``params`` present."""
     kind = check_choice(str(raw.get("kind", "train")), KINDS, "kind")
     if kind != "train":
         raise ConfigError(
             f"{where}: kind '{kind}' is a threshold search over cached probabilities; load it with "
-            "bratstune.search.thresholds.load_threshold_space (jobs/search_thresholds.py)"
+            "bratstune.search.threshold_space.load_threshold_space (jobs/search_thresholds.py)"
         )
     for key in raw:
         if key not in _TOP_KEYS:
@@ -398,17 +316,26 @@ def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str
     for key in ("metric", "params"):
         if key not in raw:
             raise ConfigError(f"{where}: missing '{key}'")
-    name = str(raw.get("name") or (source.stem if source else "search"))
+
+
+def _positive(raw: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = int(raw.get(key, default))
+    if value < 1:
+        raise ConfigError(f"{where}.{key}: expected >= 1, got {value}")
+    return value
+
+
+def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str | None = None) -> SearchSpec:
+    """Validate a search-space mapping (what :func:`load_search_space` reads from YAML)."""
+    where = where or str(source or "search space")
+    raw = dict(raw)
+    _check_top(raw, where)
     metric = str(raw["metric"])
     if not metric.startswith(("val/", "train/")):
         raise ConfigError(f"{where}.metric: expected a reported metric such as 'val/dice_mean', got {metric!r}")
     mode = check_choice(str(raw.get("mode", "max")), MODES, "mode")
-    num_samples = int(raw.get("num_samples", 8))
-    if num_samples < 1:
-        raise ConfigError(f"{where}.num_samples: expected >= 1, got {num_samples}")
-    concurrent = int(raw.get("max_concurrent_trials", 2))
-    if concurrent < 1:
-        raise ConfigError(f"{where}.max_concurrent_trials: expected >= 1, got {concurrent}")
+    num_samples = _positive(raw, "num_samples", 8, where)
+    concurrent = _positive(raw, "max_concurrent_trials", 2, where)
     base = _load_base(raw.get("base"), where, source)
     try:
         base_cfg = load_train_config(base)
@@ -423,7 +350,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str
     if not isinstance(smoke, Mapping):
         raise ConfigError(f"{where}.smoke: expected a mapping, got {smoke!r}")
     spec = SearchSpec(
-        name=name,
+        name=str(raw.get("name") or (source.stem if source else "search")),
         metric=metric,
         mode=mode,
         num_samples=num_samples,
@@ -458,32 +385,11 @@ def load_search_space(path: str | Path) -> SearchSpec:
     return parse_spec(load_yaml(path), source=path, where=str(path))
 
 
-def load_space_file(path: str | Path) -> Any:
+def load_space_file(path: str | Path) -> SearchSpec | ThresholdSpec:
     """Load any file of ``search_spaces/``: a :class:`SearchSpec` (``kind: train``, the default)
-    or a ``bratstune.search.thresholds.ThresholdSpec`` (``kind: thresholds``)."""
+    or a :class:`~bratstune.search.threshold_space.ThresholdSpec` (``kind: thresholds``)."""
     path = Path(path).resolve()
     raw = load_yaml(path)
     if str(raw.get("kind", "train")) == "thresholds":
-        from bratstune.search.thresholds import parse_threshold_space
-
         return parse_threshold_space(raw, source=path)
     return parse_spec(raw, source=path, where=str(path))
-
-
-def make_sampler(spec: SearchSpec, *, algorithm: str | None = None) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of ``spec.search`` (``algorithm`` overrides it, e.g. ``random``)."""
-    import optuna
-
-    algorithm = check_choice(algorithm or spec.search.algorithm, ALGORITHMS, "search.algorithm")
-    seed = spec.search.seed
-    if algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna, and stable
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        tpe = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=spec.search.n_startup_trials, multivariate=True, group=True
-        )
-    if algorithm == "tpe":
-        return tpe
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec.search.n_startup_trials,
-                                        independent_sampler=tpe, warn_independent_sampling=False)

@@ -1,0 +1,281 @@
+"""The cross-validation driver: the stages in order, under one MLflow parent run.
+
+::
+
+    spec = CrossValSpec(folds=5, register="bratstune-gli", promote=True)
+    outcome = cross_validate(best_config, Path("data/GLI"), spec)    # Ray must be initialised
+    outcome.ensemble_dir          # <out>/ensemble: Ensemble.load()-able, decode tuned on OOF
+    outcome.oof_metrics_tuned["dice_lesion_mean"]
+
+Stages (one module each): folds (:mod:`~bratstune.search.crossval.folds`) -> fold trials
+(:mod:`~bratstune.search.crossval.fold_trials`) -> out-of-fold probabilities
+(:mod:`~bratstune.search.crossval.oof`) -> decode tuning
+(:mod:`~bratstune.search.crossval.decode_tuning`) -> packaging and registration
+(:mod:`~bratstune.search.crossval.packaging`); the parent run records each
+(:mod:`~bratstune.search.crossval.parent_run`).
+
+Output folder (``<storage_path>/<name>``)::
+
+    folds/fold0/best_model/   fit's best/ folder of fold 0 (model.pt + config.yaml + metrics.json)
+    oof/<case_id>.npy         OOF probabilities of every case (exactly one file per case)
+    folds.json                case ids per fold
+    thresholds.yaml           tuned thresholds + post-processing
+    ensemble/                 the packaged ensemble
+    fold0_.../                Tune's trial folders (checkpoints)
+
+Region-mode models only (``loss.mode: region``): thresholds need per-region sigmoid outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from bratstune import paths
+from bratstune.ensemble.package import Ensemble
+from bratstune.inference.decode import DecodeSettings
+from bratstune.search.crossval.decode_tuning import DecodeTuning, tune_decode, write_thresholds
+from bratstune.search.crossval.fold_trials import CVContext, FoldRuns, train_folds
+from bratstune.search.crossval.folds import FoldPlan, plan_folds
+from bratstune.search.crossval.packaging import DEFAULT_METRIC, build_ensemble, register
+from bratstune.search.crossval.parent_run import log_decode_tuning, log_fold_metrics, start_cv_run
+from bratstune.search.crossval.spec import CrossValSpec, training_config
+from bratstune.search.thresholds import settings_mapping
+from bratstune.tracking import runs as tracking
+from bratstune.training.config import TrainConfig, load_train_config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CVOutcome", "cross_validate", "demo_cross_validate"]
+
+
+@dataclass
+class CVOutcome:
+    """What :func:`cross_validate` returns.
+
+    Attributes:
+        ensemble_dir: ``<out>/ensemble`` (``Ensemble.load``-able).
+        ensemble: the packaged ensemble (members = fold models, tuned decode settings).
+        fold_metrics: per fold, OOF metrics of its held-out cases at default thresholds
+            (``dice_lesion_<R>``, ``dice_<R>``, ``hd95_lesion_<R>``, ``..._mean``).
+        oof_metrics_default: pooled OOF metrics, default thresholds (0.5, no post-processing).
+        oof_metrics_tuned: pooled OOF metrics with the tuned thresholds / post-processing.
+        decode: the tuned decode settings (:attr:`thresholds` and :attr:`postprocess` views).
+        parent_run_id: the CV parent MLflow run.
+    """
+
+    ensemble_dir: Path
+    ensemble: Ensemble
+    fold_metrics: list[dict[str, float]]
+    oof_metrics_default: dict[str, float]
+    oof_metrics_tuned: dict[str, float]
+    decode: DecodeSettings
+    parent_run_id: str
+    out_dir: Path | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    fold_run_ids: list[str | None] = field(default_factory=list)
+    folds: list[list[str]] = field(default_factory=list)
+    metric: str = DEFAULT_METRIC
+    registered: str | None = None  # "NAME/VERSION"
+    promotion: Any = None  # bratstune.ensemble.registry.Promotion
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Tuned threshold per region channel."""
+        return dict(self.decode.thresholds)
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        """Tuned post-processing (``min_size`` per region, ``fill_holes``), as in ``thresholds.yaml``."""
+        return settings_mapping(self.decode)["postprocess"]
+
+
+@dataclass
+class _Session:
+    """Where a cross-validation records: the MLflow store and experiment, its name and output folder."""
+
+    client: MlflowClient
+    tracking_uri: str
+    experiment_id: str
+    name: str
+    storage: Path
+    out_dir: Path
+
+
+def _session(spec: CrossValSpec, tracking_uri: str | None, experiment_id: str | None) -> _Session:
+    tracking_uri = tracking_uri or tracking.tracking_uri()
+    if experiment_id is None:
+        experiment_id = tracking.setup_mlflow(spec.experiment, uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    name = spec.name or f"cv-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(spec.storage_path or paths.results_dir() / "cv").resolve()
+    out_dir = storage / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _Session(MlflowClient(tracking_uri), tracking_uri, experiment_id, name, storage, out_dir)
+
+
+def _outcome(
+    session: _Session, parent_run_id: str, plan: FoldPlan, runs: FoldRuns, tuning: DecodeTuning, ensemble: Ensemble
+) -> CVOutcome:
+    """The outcome of the stages so far (registration fills ``registered`` and ``promotion``)."""
+    return CVOutcome(
+        ensemble_dir=session.out_dir / "ensemble",
+        ensemble=ensemble,
+        fold_metrics=tuning.fold_metrics,
+        oof_metrics_default=tuning.default,
+        oof_metrics_tuned=tuning.tuned,
+        decode=tuning.settings,
+        parent_run_id=parent_run_id,
+        out_dir=session.out_dir,
+        tracking_uri=session.tracking_uri,
+        experiment_id=session.experiment_id,
+        fold_run_ids=runs.run_ids,
+        folds=plan.fold_ids,
+        metric=DEFAULT_METRIC if DEFAULT_METRIC in ensemble.metrics else "cv/dice_mean",
+    )
+
+
+def _run_stages(
+    config: TrainConfig,
+    plan: FoldPlan,
+    spec: CrossValSpec,
+    session: _Session,
+    parent_run_id: str,
+    *,
+    fit_fn: Callable[..., Any] | None,
+    verbose: int,
+) -> CVOutcome:
+    """Fold trials (which write the OOF probabilities) -> decode tuning -> packaging -> registration."""
+    client, out_dir = session.client, session.out_dir
+    ctx = CVContext(
+        name=session.name,
+        base=config.to_dict(),
+        metric=config.validation.metric,
+        folds=plan.handles,
+        out_dir=str(out_dir),
+        tracking_uri=session.tracking_uri,
+        experiment_id=session.experiment_id,
+        parent_run_id=parent_run_id,
+        cpus=float(spec.resources.cpu),
+        fit_fn=fit_fn,
+    )
+    resources = spec.resources.as_tune()
+    runs = train_folds(ctx, resources=resources, epochs=config.epochs, storage=session.storage, verbose=verbose)
+    tuning = tune_decode(plan, out_dir, space=spec.threshold_space, trials=spec.threshold_trials)
+    log_fold_metrics(client, parent_run_id, runs, tuning)
+    log_decode_tuning(client, parent_run_id, runs, tuning, write_thresholds(out_dir, tuning))
+    ensemble = build_ensemble(
+        out_dir, plan, tuning, cv_run_id=parent_run_id, search_run_id=spec.search_run_id, inference=spec.inference
+    )
+    ensemble_dir = ensemble.save(out_dir / "ensemble")  # == outcome.ensemble_dir
+    client.set_tag(parent_run_id, "ensemble.dir", str(ensemble_dir))
+    client.set_tag(parent_run_id, "ensemble.digest", ensemble.digest or "")
+    outcome = _outcome(session, parent_run_id, plan, runs, tuning, ensemble)
+    if spec.register:
+        options = {"metric": outcome.metric, "promote": spec.promote, "force": spec.force}
+        done = register(ensemble, spec.register, parent_run_id=parent_run_id, **options)
+        outcome.registered, outcome.promotion = done.registered, done.promotion
+    logger.info(
+        "cross-validation %s: pooled OOF %s %.4f tuned (%.4f default); ensemble %s",
+        session.name,
+        tuning.metric,
+        tuning.tuned.get(tuning.metric, float("nan")),
+        tuning.default.get(tuning.metric, float("nan")),
+        ensemble_dir,
+    )
+    return outcome
+
+
+def cross_validate(
+    config: TrainConfig | Mapping[str, Any],
+    data_root: str | Path,
+    spec: CrossValSpec | None = None,
+    *,
+    experiment_id: str | None = None,
+    tracking_uri: str | None = None,
+    cache_root: str | Path | None = None,
+    fit_fn: Callable[..., Any] | None = None,
+    verbose: int = 1,
+) -> CVOutcome:
+    """k-fold CV of ``config`` on ``data_root`` -> tuned ensemble (see the module docstring).
+
+    Ray must already be initialised (``ray.init``) by the caller; every fold writes into the
+    output folder, which must therefore be visible to all nodes (local Ray, or a shared path).
+
+    Args:
+        config: the training config (e.g. a search's best config).
+        data_root: labelled cohort folder.
+        spec: what to do (:class:`~bratstune.search.crossval.spec.CrossValSpec`; default 5 folds).
+        experiment_id: MLflow experiment (set up here, as ``spec.experiment``, when ``None``).
+        tracking_uri: MLflow store (default the configured one).
+        cache_root: preprocessing cache.
+        fit_fn: replaces ``bratstune.training.fit.fit`` inside the trials (tests, fault injection).
+        verbose: Tune's console verbosity.
+
+    Raises:
+        ConfigError: label-mode config, bad ``folds``; BratstuneError: a fold failed (parent run FAILED).
+    """
+    spec = spec or CrossValSpec()
+    train_config = training_config(config, spec)
+    plan = plan_folds(
+        train_config, data_root, k=spec.folds, seed=spec.seed, cache_root=cache_root, workers=spec.workers
+    )
+    session = _session(spec, tracking_uri, experiment_id)
+    plan.write(session.out_dir)
+    parent_run_id = start_cv_run(
+        session.client, session.experiment_id, session.name, train_config, spec, plan, session.out_dir
+    )
+    status = "FAILED"
+    try:
+        outcome = _run_stages(train_config, plan, spec, session, parent_run_id, fit_fn=fit_fn, verbose=verbose)
+        status = "FINISHED"
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        session.client.set_terminated(parent_run_id, status=status)
+
+
+def demo_cross_validate(
+    cohort: str | Path,
+    config: TrainConfig | Mapping[str, Any],
+    *,
+    folds: int = 3,
+    epochs: int = 3,
+    steps: int = 20,
+    register: str | None = "bratstune-gli",
+    storage_path: str | Path | None = None,
+    threshold_trials: int = 20,
+    search_run_id: str | None = None,
+    verbose: int = 0,
+) -> CVOutcome:
+    """The ``make demo`` cross-validation after the loss search: ``folds`` small CPU folds of ``config``.
+
+    Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``);
+    ``config`` is typically ``demo_search(...).best_config``. Registers and promotes the ensemble
+    as ``register`` (skipped when ``None``).
+    """
+    plain = load_train_config(config).to_dict()
+    plain["steps_per_epoch"] = int(steps)
+    plain["data"] = {**plain["data"], "num_workers": 0}
+    plain["validation"] = {**plain["validation"], "every_n_epochs": max(1, int(epochs))}  # validate at the end only
+    plain["device"] = "cpu"
+    spec = CrossValSpec(
+        folds=folds,
+        epochs=epochs,
+        storage_path=storage_path,
+        threshold_trials=threshold_trials,
+        register=register,
+        promote=register is not None,
+        search_run_id=search_run_id,
+    )
+    return cross_validate(plain, Path(cohort), spec, verbose=verbose)

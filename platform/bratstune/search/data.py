@@ -1,0 +1,151 @@
+"""A search's data, prepared once in the driver and reopened by every trial.
+
+::
+
+    data = prepare_data(spec, Path("data/GLI"))     # preprocess once, split, fingerprint
+    data.load()                                      # in a trial: TrainData of memory maps
+
+Cases are preprocessed once into the on-disk cache; trials reopen them as memory maps
+(``share: cache``) or receive them through the object store (``share: object_store``, for
+clusters without a shared file system). No trial decodes NIfTI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bratstune import paths
+from bratstune.data.cache import CaseCache
+from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config, split_train_val
+from bratstune.data.layout import discover
+from bratstune.data.synthetic import generate_cohort
+from bratstune.search.space import SearchSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DataHandle", "prepare_data", "synthetic_cohort"]
+
+
+@dataclass
+class DataHandle:
+    """What a trial needs to rebuild its :class:`~bratstune.data.cohort.TrainData` without decoding NIfTI.
+
+    Attributes:
+        root: the cohort folder.
+        cache_root: the preprocessing cache (must be reachable by every node in ``cache`` mode).
+        train_cases, val_cases: ``bratstune.data.case.Case`` objects of the split.
+        preprocess: the ``PreprocessConfig`` the cache was filled with.
+        scheme: the label scheme.
+        fingerprint: hash of case ids and preprocessing config (logged to MLflow).
+        arrays: ``object_store`` mode: the preprocessed train/val cases themselves (plain arrays,
+            shipped once through Ray's object store by ``tune.with_parameters``).
+    """
+
+    root: Path
+    cache_root: Path
+    train_cases: list[Any]
+    val_cases: list[Any]
+    preprocess: Any
+    scheme: Any
+    fingerprint: str
+    arrays: tuple[list[Any], list[Any]] | None = None
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.train_cases + self.val_cases]
+
+    def load(self) -> TrainData:
+        """The trial's TrainData: memory maps from the cache (or the shipped arrays)."""
+        if self.arrays is not None:
+            return TrainData(train=list(self.arrays[0]), val=list(self.arrays[1]), scheme=self.scheme)
+        cache = CaseCache(self.cache_root)
+
+        def get(case: Any) -> Any:
+            hit = cache.lookup(case, self.preprocess)
+            if hit is None:
+                logger.warning("cache miss for %s in %s: preprocessing it in the trial", case.case_id, cache.root)
+                hit = cache.load(case, self.preprocess)
+            return hit
+
+        return TrainData(
+            train=[get(c) for c in self.train_cases], val=[get(c) for c in self.val_cases], scheme=self.scheme
+        )
+
+
+def prepare_data(
+    spec: SearchSpec, root: str | Path, *, cache_root: str | Path | None = None, workers: int = 1
+) -> DataHandle:
+    """Discover, preprocess (once, into the cache) and split the cohort for every trial.
+
+    The preprocessing is the base config's ``data.preprocess`` updated with the space's
+    ``data.preprocess``; the split holds out ``data.val_fraction`` of the cases, stratified by
+    tumour volume (``bratstune.data.cohort.split_train_val``, seed ``data.split_seed``).
+    """
+    root = Path(root).resolve()
+    cache = CaseCache(cache_root)
+    preprocess = preprocess_config({**dict(spec.base_config().data.preprocess), **dict(spec.data.preprocess)})
+    prepared = prepare_cohort(root, preprocess, workers=workers, cache_root=cache.root)
+    split = split_train_val(
+        prepared.cases, prepared.scheme, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed
+    )
+    by_id = {c.case_id: c for c in discover(root).cases}
+    train_ids = [c.case_id for c in split.train]
+    val_ids = [c.case_id for c in split.val]
+    arrays = None
+    if spec.data.share == "object_store":
+        arrays = ([_in_memory(c) for c in split.train], [_in_memory(c) for c in split.val])
+    logger.info(
+        "data %s: %d train / %d val cases, fingerprint %s (%s)",
+        root,
+        len(train_ids),
+        len(val_ids),
+        prepared.fingerprint,
+        spec.data.share,
+    )
+    return DataHandle(
+        root=root,
+        cache_root=cache.root,
+        train_cases=[by_id[i] for i in train_ids],
+        val_cases=[by_id[i] for i in val_ids],
+        preprocess=preprocess,
+        scheme=prepared.scheme,
+        fingerprint=prepared.fingerprint,
+        arrays=arrays,
+    )
+
+
+def _in_memory(case: Any) -> Any:
+    label = None if case.label is None else np.array(case.label)
+    return replace(case, image=np.array(case.image), label=label)
+
+
+def synthetic_cohort(
+    *,
+    cases: int = 16,
+    shape: Sequence[int] | None = (64, 64, 48),
+    anatomy: str = "procedural",
+    challenge: str = "GLI",
+    seed: int = 0,
+    root: str | Path | None = None,
+) -> Path:
+    """A synthetic cohort under ``bratstune.paths.data_dir()``, generated on first use.
+
+    The folder name encodes the arguments; a ``.complete`` marker makes reuse safe after an
+    interrupted generation.
+    """
+    grid = "x".join(str(int(s)) for s in shape) if shape else "default"
+    name = f"synthetic-{challenge}-{cases}-{grid}-{anatomy}-s{seed}"
+    folder = Path(root) if root is not None else paths.data_dir() / name
+    marker = folder / ".complete"
+    if not marker.is_file():
+        generate_cohort(
+            folder, challenge=challenge, cases=cases, shape=tuple(shape) if shape else None, anatomy=anatomy, seed=seed
+        )
+        marker.write_text("ok\n")
+    return folder

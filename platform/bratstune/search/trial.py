@@ -1,0 +1,147 @@
+"""One Ray Tune trial = one :func:`bratstune.training.fit.fit` of a sampled config.
+
+::
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 1, "gpu": 0})
+
+:func:`run_trial` is the function trainable: it turns the trial's flat values into a
+:class:`~bratstune.training.config.TrainConfig`, opens (or, after a retry or restore, reopens)
+the trial's MLflow child run, and trains with a reporter that logs the epoch to that run
+*before* ``ray.tune.report(metrics, checkpoint=...)``, so that ASHA can stop a weak trial after
+any epoch without losing what it logged. :class:`TrialContext` is everything else the trial
+needs, shipped once through the object store. Cross-validation folds run the same function
+(:mod:`bratstune.search.crossval.folds`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from bratstune.search.callback import STOP_TAG, TRIAL_TAG, find_trial_run
+from bratstune.search.data import DataHandle
+from bratstune.search.params import apply_values
+from bratstune.search.reporter import MlflowReporter
+from bratstune.tracking.runs import log_config, run_tags
+from bratstune.training.config import TrainConfig, load_train_config
+from bratstune.training.fit import EpochReport, fit
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrialContext", "run_trial", "trainable"]
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial receives besides its sampled values (shipped once via the object store)."""
+
+    search_name: str
+    base: dict[str, Any]
+    metric: str
+    data: DataHandle
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    cpus: float = 1.0
+    fit_fn: Callable[..., Any] | None = None
+
+
+def trainable(ctx: TrialContext, resources: Mapping[str, float]) -> Any:
+    """:func:`run_trial` bound to ``ctx``, with its per-trial ``resources`` (``{"cpu": 1, "gpu": 0}``)."""
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), dict(resources))
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            out[key] = number
+    return out
+
+
+def _open_run(client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any], train_config: TrainConfig) -> str:
+    """The trial's child run: found again by its ``ray_trial_id`` tag, else created with its params."""
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    run_id = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "resumed", "true")
+        return run_id
+    extra = {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id, "search": ctx.search_name}
+    tags = run_tags(data_fingerprint=ctx.data.fingerprint, extra=extra)
+    run_id = client.create_run(ctx.experiment_id, run_name=context.get_trial_name(), tags=tags).info.run_id
+    log_config(train_config, run_id=run_id)
+    for key, value in config.items():
+        client.log_param(run_id, f"search.{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    return run_id
+
+
+def _tune_reporter(metric: str, mlflow_reporter: MlflowReporter) -> Callable[[EpochReport], None]:
+    """``fit``'s reporter: MLflow first, then ``tune.report`` (which may stop the trial)."""
+
+    def report(epoch: EpochReport) -> None:
+        mlflow_reporter(epoch)  # before tune.report: the scheduler may stop the trial inside it
+        metrics = _finite(epoch.metrics)
+        metrics.setdefault(metric, float("nan"))
+        if epoch.checkpoint_dir is not None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
+        else:
+            tune.report(metrics)
+
+    return report
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune function trainable: train one sampled config, report every epoch.
+
+    ``config`` is the flat ``{dotted name: value}`` mapping of the define-by-run function. The
+    trial's MLflow child run is found again by its ``ray_trial_id`` tag when the trial is retried
+    or restored, so a trial keeps one run across attempts.
+    """
+    train_config = load_train_config(apply_values(ctx.base, config))
+    if train_config.num_threads is None:
+        train_config = replace(train_config, num_threads=max(1, int(ctx.cpus)))
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    client = MlflowClient(ctx.tracking_uri)
+    run_id = _open_run(client, ctx, config, train_config)
+
+    trial_id = tune.get_context().get_trial_id()
+    workdir = Path(tempfile.mkdtemp(prefix=f"bratstune-trial-{trial_id}-"))
+    resume_dir = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(checkpoint.to_directory(str(workdir / "resume")))
+        logger.info("trial %s resumes from %s", trial_id, resume_dir)
+    reporter = _tune_reporter(ctx.metric, MlflowReporter(run_id=run_id, artifact_path="best_model"))
+    train = ctx.fit_fn or fit
+    data = ctx.data.load()
+    status = "FINISHED"
+    try:
+        train(train_config, data, reporter, out_dir=workdir / "fit", resume_from=resume_dir)
+        client.set_tag(run_id, STOP_TAG, "completed")
+    except SystemExit:  # how Tune stops a trial (ASHA) inside tune.report
+        client.set_tag(run_id, STOP_TAG, "stopped by scheduler")
+        raise
+    except BaseException as exc:
+        status = "FAILED"
+        client.set_tag(run_id, STOP_TAG, f"error: {type(exc).__name__}: {exc}"[:5000])
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)
+        shutil.rmtree(workdir, ignore_errors=True)
