@@ -14,6 +14,7 @@ folder and prints:
 * patches per second from ``PatchDataset`` through ``DataLoader(num_workers=...)``, without
   and with the default augmentation.
 """
+
 from __future__ import annotations
 
 import argparse

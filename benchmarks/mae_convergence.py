@@ -17,6 +17,7 @@ the final and best Dice, and pre-training throughput (samples/s) with 1 vs N wor
     python benchmarks/mae_convergence.py                      # about 10 minutes on 2 busy cores
     python benchmarks/mae_convergence.py --mae-epochs 60 --ft-epochs 15 --cases 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,15 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]:
     for challenge, seed in (("GLI", 1), ("MEN", 0), ("PED", 0)):
         folder = work / f"unlabelled-{challenge}"
         if not folder.is_dir():
-            generate_cohort(folder, challenge=challenge, cases=args.pretrain_cases, shape=SHAPE, seed=seed,
-                            anatomy="procedural", start_index=1000)
+            generate_cohort(
+                folder,
+                challenge=challenge,
+                cases=args.pretrain_cases,
+                shape=SHAPE,
+                seed=seed,
+                anatomy="procedural",
+                start_index=1000,
+            )
         unlabelled.append(folder)
     return labelled, unlabelled
 
@@ -76,8 +84,14 @@ def pretrain(args: argparse.Namespace, folders: list[Path], storage: Path, exper
     from bratstune.pretrain.run import run_mae
 
     config = {
-        "model": {"img_size": [48, 48, 48], **VIT, "decoder_hidden_size": 96, "decoder_mlp_dim": 384,
-                  "decoder_num_heads": 4, "decoder_num_layers": 2},
+        "model": {
+            "img_size": [48, 48, 48],
+            **VIT,
+            "decoder_hidden_size": 96,
+            "decoder_mlp_dim": 384,
+            "decoder_num_heads": 4,
+            "decoder_num_layers": 2,
+        },
         "data": {"batch_size": args.mae_batch},
         "optim": {"lr": 1.5e-4 * 4},  # a small-batch CPU run needs a larger base rate to move in 200 steps
         "epochs": args.mae_epochs,
@@ -85,12 +99,19 @@ def pretrain(args: argparse.Namespace, folders: list[Path], storage: Path, exper
         "num_threads": 1,
     }
     t0 = time.perf_counter()
-    main = run_mae(config, folders, workers=args.workers, storage_path=storage, name=f"mae-{args.workers}w",
-                   experiment_id=experiment_id)
+    main = run_mae(
+        config,
+        folders,
+        workers=args.workers,
+        storage_path=storage,
+        name=f"mae-{args.workers}w",
+        experiment_id=experiment_id,
+    )
     main_s = time.perf_counter() - t0
     short = dict(config, epochs=args.throughput_epochs)
-    single = run_mae(short, folders, workers=1, storage_path=storage, name="mae-1w", experiment_id=experiment_id,
-                     register_as=None)
+    single = run_mae(
+        short, folders, workers=1, storage_path=storage, name="mae-1w", experiment_id=experiment_id, register_as=None
+    )
     return main, main_s, single
 
 
@@ -105,8 +126,14 @@ def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path
     config = {
         "model": {"name": "unetr", "kwargs": {"feature_size": 16, **VIT}},
         "loss": {"weights": {"dice": 1.0, "ce": 1.0}, "mode": "region"},
-        "optim": {"name": "adamw", "lr": 1.0e-4, "weight_decay": 1.0e-5, "schedule": "cosine",
-                  "warmup_fraction": 0.05, "grad_clip": 1.0},
+        "optim": {
+            "name": "adamw",
+            "lr": 1.0e-4,
+            "weight_decay": 1.0e-5,
+            "schedule": "cosine",
+            "warmup_fraction": 0.05,
+            "grad_clip": 1.0,
+        },
         "data": {"patch_size": [48, 48, 48], "batch_size": 2, "fg_prob": 0.7, "num_workers": 0},
         "validation": {"lesion_metrics": False, "overlap": 0.25, "sw_batch_size": 4},
         "init": {"encoder_from": encoder_from, "require_complete": encoder_from is not None},
@@ -141,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from bratstune.tracking import runs as tracking
-    from bratstune.data.preprocess import PreprocessConfig
     from bratstune.data.cohort import prepare_cohort, split_train_val
+    from bratstune.data.preprocess import PreprocessConfig
+    from bratstune.tracking import runs as tracking
 
     try:
         t0 = time.perf_counter()
@@ -151,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_cohort(labelled, PreprocessConfig())
         data = split_train_val(prepared.cases, prepared.scheme, val_fraction=1 / 3, seed=0)
         data_s = time.perf_counter() - t0
-        ray.init(num_cpus=max(2, args.workers), include_dashboard=False, _temp_dir=ray_tmp,
-                 runtime_env={"py_modules": [str(PACKAGE)]}, log_to_driver=args.verbose)
+        ray.init(
+            num_cpus=max(2, args.workers),
+            include_dashboard=False,
+            _temp_dir=ray_tmp,
+            runtime_env={"py_modules": [str(PACKAGE)]},
+            log_to_driver=args.verbose,
+        )
         experiment_id = tracking.setup_mlflow("mae-benchmark")
         main_run, main_s, single = pretrain(args, unlabelled, work / "pretrain", experiment_id)
         ray.shutdown()
@@ -166,23 +198,33 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     n_unlabelled = args.pretrain_cases * len(unlabelled)
-    print(f"data: {len(data.train)} labelled train / {len(data.val)} val GLI cases, {n_unlabelled} unlabelled "
-          f"cases (GLI/MEN/PED) for pre-training, volumes {SHAPE} ({data_s:.0f} s)")
+    print(
+        f"data: {len(data.train)} labelled train / {len(data.val)} val GLI cases, {n_unlabelled} unlabelled "
+        f"cases (GLI/MEN/PED) for pre-training, volumes {SHAPE} ({data_s:.0f} s)"
+    )
     first, last = main_run.history[0], main_run.history[-1]
-    print(f"MAE ({VIT}, 48^3 crops, 75 % masked): {len(main_run.history)} epochs x {args.mae_steps} steps on "
-          f"{args.workers} workers, effective batch {main_run.effective_batch_size}, lr x{main_run.lr_scale:g}; "
-          f"loss {first['train/loss']:.3f} -> {last['train/loss']:.3f} ({main_s:.0f} s incl. Ray start)")
+    print(
+        f"MAE ({VIT}, 48^3 crops, 75 % masked): {len(main_run.history)} epochs x {args.mae_steps} steps on "
+        f"{args.workers} workers, effective batch {main_run.effective_batch_size}, lr x{main_run.lr_scale:g}; "
+        f"loss {first['train/loss']:.3f} -> {last['train/loss']:.3f} ({main_s:.0f} s incl. Ray start)"
+    )
     one, many = throughput(single.history), throughput(main_run.history)
-    print(f"pre-training throughput: 1 worker {one:.1f} samples/s, {args.workers} workers {many:.1f} samples/s "
-          f"(x{many / one:.2f})")
+    print(
+        f"pre-training throughput: 1 worker {one:.1f} samples/s, {args.workers} workers {many:.1f} samples/s "
+        f"(x{many / one:.2f})"
+    )
     print(f"\nfine-tuning unetr, {args.ft_epochs} epochs x {args.ft_steps} steps, val Dice (mean WT/TC/ET) per epoch:")
     print("epoch     " + " ".join(f"{e:>6d}" for e in range(1, args.ft_epochs + 1)))
     for label, curve in (("scratch", scratch), ("MAE init", mae)):
         print(f"{label:<10}" + " ".join(f"{v:6.3f}" for v in curve))
-    print(f"\n{'init':<10}{'epochs to Dice ' + format(args.target, '.2f'):>22}{'final Dice':>12}{'best Dice':>11}{'time':>8}")
+    print(
+        f"\n{'init':<10}{'epochs to Dice ' + format(args.target, '.2f'):>22}{'final Dice':>12}{'best Dice':>11}{'time':>8}"
+    )
     for label, curve, seconds in (("scratch", scratch, scratch_s), ("MAE init", mae, mae_s)):
-        print(f"{label:<10}{first_epoch_reaching(curve, args.target):>22}{curve[-1]:>12.3f}{max(curve):>11.3f}"
-              f"{seconds:>7.0f}s")
+        print(
+            f"{label:<10}{first_epoch_reaching(curve, args.target):>22}{curve[-1]:>12.3f}{max(curve):>11.3f}"
+            f"{seconds:>7.0f}s"
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ also pays MONAI's import for the surfel table); the reference runs ``Panoptica_E
 with brats-evaluation's bundled config in ``.venv-ref`` (``make ref-venv``), one subprocess for all
 cases, timing each ``evaluate`` call inside it. Prints one line per case and the per-case ratio.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,13 +79,25 @@ def time_reference(cases, challenge: str) -> list[float] | None:
         for i, (pred, gt) in enumerate(cases):
             np.save(f"{tmp}/{i}_pred.npy", pred)
             np.save(f"{tmp}/{i}_gt.npy", gt)
-            job.append({"id": str(i), "kind": "brats2026", "config": CONFIGS[challenge],
-                        "pred": f"{tmp}/{i}_pred.npy", "gt": f"{tmp}/{i}_gt.npy", "spacing": [1.0, 1.0, 1.0]})
+            job.append(
+                {
+                    "id": str(i),
+                    "kind": "brats2026",
+                    "config": CONFIGS[challenge],
+                    "pred": f"{tmp}/{i}_pred.npy",
+                    "gt": f"{tmp}/{i}_gt.npy",
+                    "spacing": [1.0, 1.0, 1.0],
+                }
+            )
         Path(f"{tmp}/job.json").write_text(json.dumps({"cases": job}))
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("PYTHONPATH", None)
-        subprocess.run([str(python), str(DRIVER), f"{tmp}/job.json", f"{tmp}/out.json"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(python), str(DRIVER), f"{tmp}/job.json", f"{tmp}/out.json"],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         out = json.loads(Path(f"{tmp}/out.json").read_text())
     return [float(out[str(i)]["__seconds__"]) for i in range(len(cases))]
 
@@ -108,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.cases):
         r = "" if ref is None else f"{ref[i]:16.3f}s {ref[i] / ours26[i]:8.1f}x"
         print(f"{i:>4} {ours26[i]:14.3f}s {r:>27} {ours23[i]:14.3f}s")
-    print(f"mean {np.mean(ours26):14.3f}s "
-          + ("" if ref is None else f"{np.mean(ref):16.3f}s {np.mean(ref) / np.mean(ours26):8.1f}x")
-          + f" {np.mean(ours23):14.3f}s")
+    print(
+        f"mean {np.mean(ours26):14.3f}s "
+        + ("" if ref is None else f"{np.mean(ref):16.3f}s {np.mean(ref) / np.mean(ours26):8.1f}x")
+        + f" {np.mean(ours23):14.3f}s"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ region, the wall-clock time and whether the targets (WT >= 0.80, TC >= 0.60, ET 
 
     python benchmarks/train_convergence.py [--epochs 20] [--steps 45]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
     from bratstune.data.synthetic import generate_cohort
     from bratstune.labels import get_scheme
-    from bratstune.training.fit import fit
-    from bratstune.training.config import load_train_config
-    from bratstune.training.network import resolve_config
     from bratstune.presets import load_preset
-    from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
+    from bratstune.training.config import load_train_config
+    from bratstune.training.fit import fit
+    from bratstune.training.network import resolve_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
@@ -58,17 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     result = fit(config, split, out_dir=work / "run")
     minutes = (time.perf_counter() - start) / 60
     m = result.best_metrics
-    print(f"\nunet, {len(split.train)} train / {len(split.val)} held-out cases, "
-          f"{args.epochs} epochs x {args.steps} steps, {minutes:.1f} min of training on "
-          f"{torch.get_num_threads()} threads (best epoch {result.best_epoch})")
+    print(
+        f"\nunet, {len(split.train)} train / {len(split.val)} held-out cases, "
+        f"{args.epochs} epochs x {args.steps} steps, {minutes:.1f} min of training on "
+        f"{torch.get_num_threads()} threads (best epoch {result.best_epoch})"
+    )
     ok = True
     for region, target in TARGETS.items():
         value = m.get(f"val/dice_{region}", float("nan"))
         ok &= value >= target
         print(f"  legacy Dice {region}: {value:.3f} (target >= {target:.2f})")
     if "val/dice_lesion_mean" in m:
-        print("  lesion-wise Dice: " + "  ".join(
-            f"{r} {m[f'val/dice_lesion_{r}']:.3f}" for r in get_scheme('brats2023').regions if f"val/dice_lesion_{r}" in m))
+        print(
+            "  lesion-wise Dice: "
+            + "  ".join(
+                f"{r} {m[f'val/dice_lesion_{r}']:.3f}"
+                for r in get_scheme("brats2023").regions
+                if f"val/dice_lesion_{r}" in m
+            )
+        )
     print(f"targets {'met' if ok else 'NOT met'} in {minutes:.1f} min (budget 15 min)")
     return 0
 

@@ -12,6 +12,7 @@ per step over the following epochs. The loader keeps up when data wait < 10 % of
     python benchmarks/train_step.py --workers 0      # loading in the training process
     python benchmarks/train_step.py --device cuda --steps 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,31 +45,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from bratstune.data.cache import CaseCache
+    from bratstune.data.cohort import TrainData
     from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig
     from bratstune.data.synthetic import generate_cohort
     from bratstune.labels import scheme_for
     from bratstune.presets import load_preset
-    from bratstune.training.fit import TrainData, fit
+    from bratstune.training.fit import fit
 
     with tempfile.TemporaryDirectory(prefix="bratstune-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         raw = work / "cohort"
         t0 = time.perf_counter()
         if not raw.is_dir():
-            generate_cohort(raw, challenge="GLI", cases=args.cases, shape=tuple(args.shape) if args.shape else None,
-                            anatomy="procedural", seed=0)
+            generate_cohort(
+                raw,
+                challenge="GLI",
+                cases=args.cases,
+                shape=tuple(args.shape) if args.shape else None,
+                anatomy="procedural",
+                seed=0,
+            )
         cases = CaseCache(work / "cache").prepare(discover(raw).cases, PreprocessConfig(), workers=2)
-        print(f"cohort: {len(cases)} cases, cropped shapes {sorted({c.shape for c in cases})[:3]}..., "
-              f"prepared in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"cohort: {len(cases)} cases, cropped shapes {sorted({c.shape for c in cases})[:3]}..., "
+            f"prepared in {time.perf_counter() - t0:.1f} s"
+        )
 
         config = load_preset("unet")
         config.update(
-            epochs=args.epochs, steps_per_epoch=args.steps, num_threads=args.threads, device=args.device, amp=args.amp,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps,
+            num_threads=args.threads,
+            device=args.device,
+            amp=args.amp,
         )
         config["data"] = {
-            **config["data"], "patch_size": [args.patch] * 3, "batch_size": args.batch_size,
-            "num_workers": args.workers, "augment": {} if args.augment else None,
+            **config["data"],
+            "patch_size": [args.patch] * 3,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "augment": {} if args.augment else None,
         }
         result = fit(config, TrainData(train=cases, val=[], scheme=scheme_for("GLI")), out_dir=work / "run")
 
@@ -81,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     from bratstune.device import default_num_workers
 
     workers = args.workers if args.workers is not None else default_num_workers()
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, workers {workers}, "
-          f"patch {args.patch}^3, batch {args.batch_size}, augment {args.augment}")
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, workers {workers}, "
+        f"patch {args.patch}^3, batch {args.batch_size}, augment {args.augment}"
+    )
     for row in result.history:
-        print(f"  epoch {int(row['epoch'])}: data wait {row['time/data_wait_s'] * 1e3:7.1f} ms/step, "
-              f"compute {row['time/compute_s']:.3f} s/step, loss {row['train/loss']:.4f}")
+        print(
+            f"  epoch {int(row['epoch'])}: data wait {row['time/data_wait_s'] * 1e3:7.1f} ms/step, "
+            f"compute {row['time/compute_s']:.3f} s/step, loss {row['train/loss']:.4f}"
+        )
     ratio = wait / step if step > 0 else 0.0
-    print(f"per step (epochs 2+): {step:.3f} s = data wait {wait * 1e3:.1f} ms + compute {compute:.3f} s; "
-          f"data wait {ratio:.1%} of the step ({'OK' if ratio < 0.10 else 'loader too slow'}: target < 10 %)")
+    print(
+        f"per step (epochs 2+): {step:.3f} s = data wait {wait * 1e3:.1f} ms + compute {compute:.3f} s; "
+        f"data wait {ratio:.1%} of the step ({'OK' if ratio < 0.10 else 'loader too slow'}: target < 10 %)"
+    )
     return 0 if ratio < 0.10 else 1
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: keep tests on one thread and every side effect inside tmp_path."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Label schemes, regions, hierarchical decode with thresholds, and conversions between schemes."""
+
 from __future__ import annotations
 
 import pickle
@@ -356,8 +357,18 @@ def test_convert_round_trip_preserves_regions(src, dst):
 @pytest.mark.parametrize(
     "src, dst, seg, message",
     [
-        ("brats2024_ped", "brats2023", [0, 1, 3], r"label value 3 \(CC\) of scheme 'brats2024_ped' has no equivalent in scheme 'brats2023'"),
-        ("brats2024_gli", "legacy", [0, 4, 1], r"label value 4 \(RC\) of scheme 'brats2024_gli' has no equivalent in scheme 'legacy'"),
+        (
+            "brats2024_ped",
+            "brats2023",
+            [0, 1, 3],
+            r"label value 3 \(CC\) of scheme 'brats2024_ped' has no equivalent in scheme 'brats2023'",
+        ),
+        (
+            "brats2024_gli",
+            "legacy",
+            [0, 4, 1],
+            r"label value 4 \(RC\) of scheme 'brats2024_gli' has no equivalent in scheme 'legacy'",
+        ),
         ("brats2024_men_rt", "brats2023", [0, 1], r"label value 1 \(GTV\)"),
     ],
 )

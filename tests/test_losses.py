@@ -8,6 +8,7 @@ The shared tiny example (1 x 1 x 2 x 2 x 1), voxels listed as (x, y):
     TP = 0.75 + 0.5 = 1.25        FP = 0.75 + 0.25 = 1.0        FN = 0.25 + 0.5 = 0.75
     sum p = 2.25, sum t = 2
 """
+
 from __future__ import annotations
 
 import math
@@ -244,11 +245,19 @@ def test_focal_tversky_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(
     ("mode", "input", "target", "match"),
     [
-        ("region", torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4),
-         "target shape \\(1, 1, 4, 4, 4\\) must equal input shape \\(1, 3, 4, 4, 4\\).*mode='label'"),
+        (
+            "region",
+            torch.zeros(1, 3, 4, 4, 4),
+            torch.zeros(1, 1, 4, 4, 4),
+            "target shape \\(1, 1, 4, 4, 4\\) must equal input shape \\(1, 3, 4, 4, 4\\).*mode='label'",
+        ),
         ("region", torch.zeros(3, 4), torch.zeros(3, 4), "logits \\(B, C, \\*spatial\\)"),
-        ("label", torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4),
-         "integer labels of shape \\(1, 1, 4, 4, 4\\).*got \\(1, 3, 4, 4, 4\\)"),
+        (
+            "label",
+            torch.zeros(1, 3, 4, 4, 4),
+            torch.zeros(1, 3, 4, 4, 4),
+            "integer labels of shape \\(1, 1, 4, 4, 4\\).*got \\(1, 3, 4, 4, 4\\)",
+        ),
         ("label", torch.zeros(1, 3, 4, 4, 4), torch.full((1, 1, 4, 4, 4), 3), "must lie in \\[0, 2\\].*\\[3, 3\\]"),
         ("label", torch.zeros(1, 3, 4, 4, 4), torch.full((1, 1, 4, 4, 4), 0.5), "fractional"),
         ("label", torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), "at least 2 channels"),

@@ -1,4 +1,5 @@
 """`platform/` is a source root, never a package: the standard-library `platform` module must still win."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """bratstune.tracking.runs against a real SQLite MLflow store in tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import yaml
 from bratstune.data.fingerprint import data_fingerprint
 from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking import runs as tracking
-from bratstune.training.fit import EpochReport
 from bratstune.training.config import load_train_config
+from bratstune.training.report import EpochReport
 
 pytestmark = pytest.mark.mlflow
 
@@ -56,8 +57,14 @@ def test_run_logs_params_metrics_tags_and_artifacts(tmp_path):
 
     with tracking.start_run(run_name="r", experiment_id=experiment_id, data_fingerprint="abc123", config=config) as run:
         reporter = MlflowReporter()
-        reporter(EpochReport(1, {"train/loss": 1.0, "val/dice_mean": 0.5, "time/compute_s": 0.1}, None, True, True, best))
-        reporter(EpochReport(2, {"train/loss": 0.5, "val/dice_mean": 0.5, "val/dice_ET": float("nan")}, None, False, False, best))
+        reporter(
+            EpochReport(1, {"train/loss": 1.0, "val/dice_mean": 0.5, "time/compute_s": 0.1}, None, True, True, best)
+        )
+        reporter(
+            EpochReport(
+                2, {"train/loss": 0.5, "val/dice_mean": 0.5, "val/dice_ET": float("nan")}, None, False, False, best
+            )
+        )
         run_id = run.info.run_id
     assert mlflow.active_run() is None
 
@@ -74,7 +81,10 @@ def test_run_logs_params_metrics_tags_and_artifacts(tmp_path):
     assert client.get_metric_history(run_id, "val/dice_ET") == []
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "best_model"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run_id, "best_model")} == {"best_model/model.pt", "best_model/metrics.json"}
+    assert {a.path for a in client.list_artifacts(run_id, "best_model")} == {
+        "best_model/model.pt",
+        "best_model/metrics.json",
+    }
     logged = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text())
     assert logged["loss"]["weights"] == {"dice": 1.0, "ce": 0.5}
 

@@ -3,6 +3,7 @@
 Everything runs on the CPU with one thread on a tiny procedural cohort (32^3 volumes, cropped
 to about 18x24x28 around the brain) and 24-32^3 patches; the whole file takes about a minute.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from bratstune.data.cohort import TrainData
 from bratstune.errors import ConfigError, DataError
-from bratstune.training.fit import EpochReport, TrainData, compute_loss, fit, load_network
 from bratstune.training.config import TrainConfig, load_train_config
+from bratstune.training.fit import compute_loss, fit, load_network
+from bratstune.training.report import EpochReport
 
 #: Tiny kwargs per architecture (as in tests/models/conftest.py); unet gets 3 levels at 24^3.
 TINY: dict[str, dict] = {
@@ -97,8 +100,17 @@ def test_reporter_receives_every_epoch_with_metrics_and_checkpoint(unet_run):
     assert [r.epoch for r in reports] == [1, 2]
     for report in reports:
         assert report.validated
-        for key in ("train/loss", "train/lr", "time/data_wait_s", "time/compute_s", "time/epoch_s",
-                    "val/dice_WT", "val/dice_TC", "val/dice_ET", "val/dice_mean"):
+        for key in (
+            "train/loss",
+            "train/lr",
+            "time/data_wait_s",
+            "time/compute_s",
+            "time/epoch_s",
+            "val/dice_WT",
+            "val/dice_TC",
+            "val/dice_ET",
+            "val/dice_mean",
+        ):
             assert key in report.metrics, key
         assert 0.0 <= report.metrics["val/dice_mean"] <= 1.0
         assert report.metrics["time/data_wait_s"] >= 0 and report.metrics["time/compute_s"] > 0
@@ -159,8 +171,8 @@ def test_resume_continues_at_the_next_epoch_with_the_same_optimiser_state(unet_r
 def test_resume_restores_optimiser_state_exactly(unet_run, cohort):
     """Loading a checkpoint puts back the optimiser tensors bit for bit."""
     from bratstune.training.checkpoint import load_state
-    from bratstune.training.schedules import build_optimizer, build_scheduler
     from bratstune.training.fit import build_network
+    from bratstune.training.schedules import build_optimizer, build_scheduler
 
     _, _, out = unet_run
     config = load_train_config(tiny_config())
@@ -178,13 +190,15 @@ def test_resume_restores_optimiser_state_exactly(unet_run, cohort):
 
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_every_architecture_trains(arch, cohort, tmp_path):
-    config = tiny_config(**{
-        "model.name": arch,
-        "model.kwargs": TINY[arch],
-        "data.patch_size": [32, 32, 32],
-        "optim.lr": 3.0e-3,
-        "steps_per_epoch": 3,
-    })
+    config = tiny_config(
+        **{
+            "model.name": arch,
+            "model.kwargs": TINY[arch],
+            "data.patch_size": [32, 32, 32],
+            "optim.lr": 3.0e-3,
+            "steps_per_epoch": 3,
+        }
+    )
     data = TrainData(train=cohort.train, val=[], scheme=cohort.scheme)
     result = fit(config, data, out_dir=tmp_path)
     losses = [row["train/loss"] for row in result.history]
@@ -199,13 +213,15 @@ def test_init_from_weights_and_frozen_encoder(unet_run, cohort, tmp_path):
     result, _, _ = unet_run
     weights = torch.load(result.best_dir / "model.pt", weights_only=True)
     torch.save({"model": {f"encoder.{k}": v for k, v in weights.items()}}, tmp_path / "encoder.pt")
-    config = tiny_config(**{
-        "init.encoder_from": str(tmp_path / "encoder.pt"),
-        "init.strip_prefix": "encoder.",
-        "freeze": ["encoder"],
-        "epochs": 1,
-        "steps_per_epoch": 2,
-    })
+    config = tiny_config(
+        **{
+            "init.encoder_from": str(tmp_path / "encoder.pt"),
+            "init.strip_prefix": "encoder.",
+            "freeze": ["encoder"],
+            "epochs": 1,
+            "steps_per_epoch": 2,
+        }
+    )
     trained = fit(config, TrainData(cohort.train, [], cohort.scheme), out_dir=tmp_path / "run").model.state_dict()
     prefixes = layer_groups(result.model)["encoder"]  # same architecture
     frozen = [k for k in weights if any(k == p or k.startswith(p + ".") for p in prefixes)]
@@ -217,15 +233,17 @@ def test_init_from_weights_and_frozen_encoder(unet_run, cohort, tmp_path):
 
 def test_label_mode_and_validation_every_n_epochs(cohort, tmp_path):
     reports: list[EpochReport] = []
-    config = tiny_config(**{
-        "loss.mode": "label",
-        "epochs": 3,
-        "steps_per_epoch": 2,
-        "validation.every_n_epochs": 2,
-        "validation.lesion_metrics": False,
-        "optim.schedule": "poly",
-        "optim.name": "sgd",
-    })
+    config = tiny_config(
+        **{
+            "loss.mode": "label",
+            "epochs": 3,
+            "steps_per_epoch": 2,
+            "validation.every_n_epochs": 2,
+            "validation.lesion_metrics": False,
+            "optim.schedule": "poly",
+            "optim.name": "sgd",
+        }
+    )
     result = fit(config, cohort, reporter=reports.append, out_dir=tmp_path)
     assert [r.validated for r in reports] == [False, True, True]  # every 2nd epoch and the last
     assert "val/dice_mean" not in reports[0].metrics
@@ -245,15 +263,23 @@ def test_fit_rejects_bad_input(cohort, tmp_path):
 
 
 def test_config_defaults_and_yaml_shape():
-    config = load_train_config({
-        "model": {"name": "unet", "kwargs": {"filters": [16, 32, 64, 128]}},
-        "loss": {"weights": {"dice": 1.0, "ce": 1.0}, "mode": "region", "alpha": 0.3, "beta": 0.7, "gamma": 2.0},
-        "optim": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "schedule": "cosine",
-                  "warmup_fraction": 0.02, "grad_clip": 12.0},
-        "data": {"patch_size": [48, 48, 48], "batch_size": 2, "fg_prob": 0.7},
-        "epochs": 30,
-        "steps_per_epoch": 50,
-    })
+    config = load_train_config(
+        {
+            "model": {"name": "unet", "kwargs": {"filters": [16, 32, 64, 128]}},
+            "loss": {"weights": {"dice": 1.0, "ce": 1.0}, "mode": "region", "alpha": 0.3, "beta": 0.7, "gamma": 2.0},
+            "optim": {
+                "name": "adam",
+                "lr": 1.0e-3,
+                "weight_decay": 0.0,
+                "schedule": "cosine",
+                "warmup_fraction": 0.02,
+                "grad_clip": 12.0,
+            },
+            "data": {"patch_size": [48, 48, 48], "batch_size": 2, "fg_prob": 0.7},
+            "epochs": 30,
+            "steps_per_epoch": 50,
+        }
+    )
     assert config.data.patch_size == (48, 48, 48)
     assert config.total_steps == 1500
     assert config.validation.metric == "val/dice_mean" and config.amp == "auto" and config.device == "auto"
@@ -352,8 +378,8 @@ def test_region_dice(pred, ref, expected):
 
 
 def test_label_class_round_trip_for_legacy_labels():
-    from bratstune.labels import get_scheme
     from bratstune.inference.outputs import classes_to_labels, labels_to_classes
+    from bratstune.labels import get_scheme
 
     legacy = get_scheme("legacy")  # labels 1, 2, 4
     seg = np.array([0, 1, 2, 4], dtype=np.uint8)

@@ -1,4 +1,5 @@
 """`bratstune train` end to end: tiny procedural cohort -> cache -> fit -> MLflow (SQLite in tmp)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,11 +32,25 @@ def test_train_command_end_to_end(raw_cohort, tmp_path, capsys):
         "epochs: 2\nsteps_per_epoch: 2\nnum_threads: 1\n"
     )
     out = tmp_path / "out"
-    code = main([
-        "train", "--data", str(raw_cohort), "--config", str(config),
-        "--set", "optim.lr=0.005", "--set", "validation.overlap=0.5",
-        "--val-fraction", "0.2", "--out", str(out), "--experiment", "cli-test",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(raw_cohort),
+            "--config",
+            str(config),
+            "--set",
+            "optim.lr=0.005",
+            "--set",
+            "validation.overlap=0.5",
+            "--val-fraction",
+            "0.2",
+            "--out",
+            str(out),
+            "--experiment",
+            "cli-test",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "4 training / 1 validation cases" in printed
@@ -61,7 +76,9 @@ def test_train_command_end_to_end(raw_cohort, tmp_path, capsys):
 
 
 def test_train_command_preset_and_bad_override(raw_cohort, tmp_path, capsys):
-    code = main(["train", "--data", str(raw_cohort), "--preset", "unet", "--set", "optim.lrr=1", "--out", str(tmp_path)])
+    code = main(
+        ["train", "--data", str(raw_cohort), "--preset", "unet", "--set", "optim.lrr=1", "--out", str(tmp_path)]
+    )
     assert code == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
     code = main(["train", "--data", str(raw_cohort), "--preset", "unett"])

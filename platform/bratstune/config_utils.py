@@ -3,6 +3,7 @@
 Every job's configuration is a frozen dataclass; this module is the one place that
 turns plain mappings (YAML, `--set a.b=1` overrides) into them and validates keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,7 @@ def check_choice(value: str, options: typing.Iterable[str], what: str) -> str:
     """Raise `ConfigError` unless `value` is one of `options`."""
     options = list(options)
     if value not in options:
-        raise ConfigError(
-            f"unknown {what} '{value}'{suggest(value, options)}; expected one of {sorted(options)}"
-        )
+        raise ConfigError(f"unknown {what} '{value}'{suggest(value, options)}; expected one of {sorted(options)}")
     return value
 
 

@@ -8,6 +8,7 @@ Each step is the code path a user reaches through the `bratstune` CLI or a job s
 demo only picks small budgets so that it fits two CPU cores. The cohort is generated once and
 reused; every run and model lands in MLflow under `.bratstune/`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,7 @@ from bratstune.cli import main as cli
 from bratstune.data.synthetic import generate_cohort
 from bratstune.search import crossval
 from bratstune.search import tune as search
+from bratstune.search.data import synthetic_cohort
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +64,41 @@ class _Step:
 
 
 def _train(cli: Any, cohort: Path, config: DemoConfig) -> int:
-    return cli([
-        "train", "--data", str(cohort), "--preset", "unet",
-        "--set", f"epochs={config.train_epochs}",
-        "--set", f"steps_per_epoch={config.train_steps}",
-        "--set", f"validation.every_n_epochs={config.train_epochs // 2}",
-        "--set", f"seed={config.seed}",
-        "--workers", str(config.workers),
-        "--run-name", "demo-unet",
-    ])
+    return cli(
+        [
+            "train",
+            "--data",
+            str(cohort),
+            "--preset",
+            "unet",
+            "--set",
+            f"epochs={config.train_epochs}",
+            "--set",
+            f"steps_per_epoch={config.train_steps}",
+            "--set",
+            f"validation.every_n_epochs={config.train_epochs // 2}",
+            "--set",
+            f"seed={config.seed}",
+            "--workers",
+            str(config.workers),
+            "--run-name",
+            "demo-unet",
+        ]
+    )
 
 
-def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = None,
-             search_space: Path | None = None) -> int:
+def run_demo(
+    config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = None, search_space: Path | None = None
+) -> int:
     """Run every step of the demo; returns a process exit code."""
     # Deferred: Ray is needed only on this path (and takes seconds to import).
     import ray  # noqa: PLC0415
 
-
     started = time.perf_counter()
     with _Step(f"1. synthetic {config.challenge} cohort ({config.cases} cases, {config.anatomy} anatomy)"):
-        cohort = search.synthetic_cohort(cases=config.cases, shape=None, anatomy=config.anatomy,
-                                         challenge=config.challenge, seed=config.seed)
+        cohort = synthetic_cohort(
+            cases=config.cases, shape=None, anatomy=config.anatomy, challenge=config.challenge, seed=config.seed
+        )
         print(f"cohort: {cohort}")
     with _Step("2. bratstune inspect"):
         if cli(["inspect", str(cohort), "--workers", str(config.workers)]) != 0:
@@ -92,19 +107,25 @@ def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = No
         if _train(cli, cohort, config) != 0:
             return 1
 
-    ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env=runtime_env or {},
-             log_to_driver=False)
+    ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env=runtime_env or {}, log_to_driver=False)
     try:
         with _Step(f"4. loss search ({config.search_trials} trials, ASHA, Optuna TPE)"):
             space = search_space or Path(__file__).resolve().parents[2] / "search_spaces" / "losses.yaml"
-            outcome = search.demo_search(space, cohort, num_samples=config.search_trials,
-                                         epochs=config.search_epochs, verbose=1)
+            outcome = search.demo_search(
+                space, cohort, num_samples=config.search_trials, epochs=config.search_epochs, verbose=1
+            )
             print(f"best val/dice_mean {outcome.best_metric:.3f} with {outcome.best_values}")
         with _Step(f"5. {config.folds}-fold cross-validated ensemble of the best config, tuned thresholds, promotion"):
-            cv = crossval.demo_cross_validate(cohort, outcome.best_config, folds=config.folds,
-                                              epochs=config.cv_epochs, steps=config.cv_steps,
-                                              register=config.model_name, search_run_id=outcome.parent_run_id,
-                                              threshold_trials=config.threshold_trials)
+            cv = crossval.demo_cross_validate(
+                cohort,
+                outcome.best_config,
+                folds=config.folds,
+                epochs=config.cv_epochs,
+                steps=config.cv_steps,
+                register=config.model_name,
+                search_run_id=outcome.parent_run_id,
+                threshold_trials=config.threshold_trials,
+            )
             print(f"ensemble: {cv.ensemble_dir}")
     finally:
         ray.shutdown()
@@ -113,12 +134,29 @@ def run_demo(config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = No
     with _Step(f"7. batch prediction of {config.new_cases} new cases with {config.model_name}@champion"):
         inbox = paths.data_dir() / f"new-{config.challenge}-cohort"
         if not (inbox / ".complete").is_file():
-            generate_cohort(inbox, challenge=config.challenge, cases=config.new_cases, anatomy=config.anatomy,
-                            seed=config.seed + 1, start_index=1000)
+            generate_cohort(
+                inbox,
+                challenge=config.challenge,
+                cases=config.new_cases,
+                anatomy=config.anatomy,
+                seed=config.seed + 1,
+                start_index=1000,
+            )
             (inbox / ".complete").write_text("ok\n")
         out = paths.results_dir() / "predictions"
-        code = cli(["predict", "--cohort", str(inbox), "--model", f"models:/{config.model_name}@champion",
-                    "--out", str(out), "--workers", "1"])
+        code = cli(
+            [
+                "predict",
+                "--cohort",
+                str(inbox),
+                "--model",
+                f"models:/{config.model_name}@champion",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+            ]
+        )
         if code != 0:
             return code
 

@@ -1,4 +1,5 @@
 """Errors raised for bad user input: each names the file (or key) and the problem."""
+
 from __future__ import annotations
 
 from pathlib import Path

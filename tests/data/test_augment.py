@@ -1,4 +1,5 @@
 """Tests of bratstune.data.augment: shapes, label values, config validation, PatchDataset use."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,12 @@ from bratstune.data.sampling import PatchDataset
 from bratstune.errors import ConfigError
 
 ALWAYS = AugmentConfig(
-    flip_prob=1.0, affine_prob=1.0, elastic_prob=1.0, noise_prob=1.0, intensity_scale_prob=1.0, gamma_prob=1.0,
+    flip_prob=1.0,
+    affine_prob=1.0,
+    elastic_prob=1.0,
+    noise_prob=1.0,
+    intensity_scale_prob=1.0,
+    gamma_prob=1.0,
     elastic_max_displacement=2.0,
 )
 
@@ -32,7 +38,12 @@ def test_default_config_builds_compose():
     assert isinstance(transform, tio.Compose)
     names = [type(t).__name__ for t in transform.transforms]
     assert names == [
-        "RandomFlip", "RandomAffine", "RandomElasticDeformation", "RandomIntensityScale", "RandomGamma", "RandomNoise",
+        "RandomFlip",
+        "RandomAffine",
+        "RandomElasticDeformation",
+        "RandomIntensityScale",
+        "RandomGamma",
+        "RandomNoise",
     ]
 
 
@@ -57,8 +68,9 @@ def test_disabled_is_identity():
 
 
 def test_flip_moves_image_and_label_together():
-    cfg = AugmentConfig(flip_prob=1.0, flip_axes=(0,), affine_prob=0, elastic_prob=0, noise_prob=0,
-                        intensity_scale_prob=0, gamma_prob=0)
+    cfg = AugmentConfig(
+        flip_prob=1.0, flip_axes=(0,), affine_prob=0, elastic_prob=0, noise_prob=0, intensity_scale_prob=0, gamma_prob=0
+    )
     sample = _sample()
     sample["label"][0, 0, 0, 0] = 1  # an asymmetric marker
     transform = build_augment(cfg)
@@ -115,8 +127,13 @@ def test_patch_dataset_with_augment_keeps_dtypes_and_is_reproducible():
     label[10:20, 10:20, 10:20] = 2
     label[13:17, 13:17, 13:17] = 3
     case = PreprocessedCase(
-        case_id="c", image=np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32), label=label,
-        bbox=tuple(slice(0, s) for s in shape), original_shape=shape, affine=np.eye(4), spacing=(1.0, 1.0, 1.0),
+        case_id="c",
+        image=np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32),
+        label=label,
+        bbox=tuple(slice(0, s) for s in shape),
+        original_shape=shape,
+        affine=np.eye(4),
+        spacing=(1.0, 1.0, 1.0),
     )
     cfg = AugmentConfig(affine_prob=1.0, elastic_prob=0.0)
     ds = PatchDataset([case], patch_size=16, samples_per_epoch=4, transform=build_augment(cfg), seed=1)

@@ -1,4 +1,5 @@
 """Bad input: each problem is a DataError naming the file and the problem; inspect reports them all."""
+
 from __future__ import annotations
 
 import json
@@ -153,7 +154,9 @@ def test_affine_mismatch_beyond_tolerance(tmp_path):
     bad = write(folder / "BraTS-GLI-00000-000-t1c.nii.gz", np.zeros(SHAPE, np.float32), shifted)
     with pytest.raises(DataError) as info:
         load_case(only_case(tmp_path))
-    assert_problem(info.value, bad, "affine differs from BraTS-GLI-00000-000-t1n.nii.gz by up to 0.5", "tolerance 0.001")
+    assert_problem(
+        info.value, bad, "affine differs from BraTS-GLI-00000-000-t1n.nii.gz by up to 0.5", "tolerance 0.001"
+    )
 
 
 def test_affine_within_tolerance_is_accepted(tmp_path):
@@ -164,7 +167,9 @@ def test_affine_within_tolerance_is_accepted(tmp_path):
     assert load_case(only_case(tmp_path)).image.shape == (4, *SHAPE)
 
 
-@pytest.mark.parametrize("value, counts", [(np.nan, "1 NaN, 0 Inf"), (np.inf, "0 NaN, 1 Inf"), (-np.inf, "0 NaN, 1 Inf")])
+@pytest.mark.parametrize(
+    "value, counts", [(np.nan, "1 NaN, 0 Inf"), (np.inf, "0 NaN, 1 Inf"), (-np.inf, "0 NaN, 1 Inf")]
+)
 def test_non_finite_voxels(tmp_path, value, counts):
     folder = good_case(tmp_path)
     image = np.zeros(SHAPE, np.float32)
@@ -261,7 +266,8 @@ def test_duplicate_case_id_in_two_folders(tmp_path):
         discover(tmp_path)
     dup = tmp_path / "b" / "BraTS-GLI-00000-000"
     assert_problem(
-        info.value, dup / "BraTS-GLI-00000-000-seg.nii.gz",
+        info.value,
+        dup / "BraTS-GLI-00000-000-seg.nii.gz",
         f"duplicate case id 'BraTS-GLI-00000-000': also in {tmp_path / 'a' / 'BraTS-GLI-00000-000'}",
     )
     cohort = discover(tmp_path, strict=False)
@@ -275,7 +281,9 @@ def test_duplicate_file_nii_and_nii_gz(tmp_path):
         discover(tmp_path)
     # the first name in sorted order is kept
     dup = folder / "BraTS-GLI-00000-000-t1n.nii.gz"
-    assert_problem(info.value, dup, "duplicate t1n file for case 'BraTS-GLI-00000-000': also BraTS-GLI-00000-000-t1n.nii")
+    assert_problem(
+        info.value, dup, "duplicate t1n file for case 'BraTS-GLI-00000-000': also BraTS-GLI-00000-000-t1n.nii"
+    )
 
 
 def test_msd_duplicate_and_orphan_label(tmp_path):

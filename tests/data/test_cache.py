@@ -1,4 +1,5 @@
 """Tests of bratstune.data.cache: content keys, hit path without NIfTI decode, concurrency."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,8 @@ import pytest
 
 from bratstune.data import cache as cache_mod
 from bratstune.data import layout
-from bratstune.data.case import load_case
 from bratstune.data.cache import CaseCache, default_cache_root
+from bratstune.data.case import load_case
 from bratstune.data.preprocess import PreprocessConfig, preprocess_case
 from bratstune.errors import ConfigError
 

@@ -1,4 +1,5 @@
 """Case discovery for every naming convention, loading, atomic writes and `bratstune inspect` on good data."""
+
 from __future__ import annotations
 
 import json

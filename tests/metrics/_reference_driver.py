@@ -15,6 +15,7 @@ Usage: ``.venv-ref/bin/python _reference_driver.py JOB.json OUT.json`` where JOB
 Non-finite floats are written as the strings "inf", "-inf", "nan". This file is test tooling
 (it imports the reference packages, which live only in the reference venv).
 """
+
 import json
 import math
 import sys

@@ -1,4 +1,5 @@
 """Fixtures of the metric tests: the reference interpreter (.venv-ref) and a batch runner for it."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,11 @@ def reference_runner():
         env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.run(
             [str(python), str(DRIVER), str(job_path), str(out_path)],
-            capture_output=True, text=True, env=env, cwd=str(workdir), timeout=1800,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(workdir),
+            timeout=1800,
         )
         if proc.returncode != 0:
             raise AssertionError(f"reference driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

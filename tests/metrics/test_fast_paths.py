@@ -9,6 +9,7 @@
   ``mask XOR erode(mask)``.
 - ``brats2023._lesions``: the dilated component of a lesion is the lesion dilated on its own.
 """
+
 from __future__ import annotations
 
 import subprocess

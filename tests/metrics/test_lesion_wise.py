@@ -4,6 +4,7 @@ matching rules, and the input checks.
 Cases use label 3 only (so WT = TC = ET) unless a test says otherwise; a 4×4×4 cube is 64 voxels
 (> 50 mm³), a 2×2×2 cube 8 voxels (≤ 50 mm³, dropped by GLI/SSA/MEN/PED).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,45 +33,172 @@ VOXEL_FAR = (35, 35, 2, 1, 1, 1)
 
 # (name, challenge, gt boxes, pred boxes, spacing, expected ET values)
 BRATS2023_TABLE = [
-    ("perfect", "GLI", [CUBE_A], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, legacy_dice=1.0, legacy_hd95=0.0, num_tp=1, num_fp=0, num_fn=0)),
-    ("missed lesion: Dice 0, HD95 374", "GLI", [CUBE_A, CUBE_B], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, legacy_dice=2 * 64 / 192, num_tp=1, num_fp=0, num_fn=1,
-          sensitivity=0.5, specificity=1.0)),
-    ("1-voxel false positive, no size filter on predictions", "GLI", [CUBE_A], [CUBE_A, VOXEL_FAR], (1, 1, 1),
-     dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=1, num_fn=0)),
-    ("missed lesion below 50 mm3 is dropped", "GLI", [CUBE_A, SMALL], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0)),
-    ("hit lesion below 50 mm3 is dropped and its match is no FP", "GLI", [CUBE_A, SMALL], [CUBE_A, SMALL], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0)),
-    ("GT parts 3 voxels apart merge with dilation 3 (GLI)", "GLI", [CUBE_A, (12, 5, 5, 4, 4, 4)], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=2 * 64 / 192, num_tp=1, num_fp=0, num_fn=0, num_gt_lesions=1)),
-    ("...and stay two lesions with dilation 1 (MET)", "MET", [CUBE_A, (12, 5, 5, 4, 4, 4)], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=0, num_fn=1, num_gt_lesions=2)),
-    ("one component serves two lesions (MET)", "MET", [CUBE_A, (12, 5, 5, 4, 4, 4)], [(5, 5, 5, 11, 4, 4)], (1, 1, 1),
-     dict(lesionwise_dice=128 / 240, num_tp=2, num_fp=0, num_fn=0)),
-    ("component 1 voxel off the lesion is inside dilation 3", "GLI", [CUBE_A], [CUBE_A, (10, 5, 5, 1, 1, 1)], (1, 1, 1),
-     dict(lesionwise_dice=2 * 64 / 129, num_tp=1, num_fp=0, num_fn=0)),
-    ("...but a false positive with dilation 1", "MEN", [CUBE_A], [CUBE_A, (10, 5, 5, 1, 1, 1)], (1, 1, 1),
-     dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=1, num_fn=0)),
-    ("MET threshold 2 mm3: 1-voxel GT dropped, its neighbour no FP", "MET", [CUBE_A, (30, 30, 30, 1, 1, 1)],
-     [CUBE_A, (31, 30, 30, 1, 1, 1)], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0, num_gt_lesions=2)),
-    ("both empty", "GLI", [], [], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, legacy_dice=1.0, legacy_hd95=0.0, num_tp=0, num_fp=0, num_fn=0,
-          sensitivity=1.0)),
-    ("empty prediction", "GLI", [CUBE_A], [], (1, 1, 1),
-     dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, legacy_dice=0.0, legacy_hd95=374.0, num_tp=0, num_fp=0, num_fn=1)),
-    ("empty ground truth", "GLI", [], [CUBE_A], (1, 1, 1),
-     dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, legacy_dice=0.0, legacy_hd95=374.0, num_tp=0, num_fp=1, num_fn=0)),
-    ("volume is voxels x voxel volume: 27 voxels of 2 mm3 are kept", "GLI", [(5, 5, 5, 3, 3, 3)], [], (1, 1, 2),
-     dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, num_fn=1)),
-    ("...27 voxels of 1 mm3 are dropped", "GLI", [(5, 5, 5, 3, 3, 3)], [], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_fn=0)),
-    ("a lesion of exactly 50 mm3 is dropped (<=)", "GLI", [(5, 5, 5, 5, 5, 2)], [], (1, 1, 1),
-     dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_fn=0, num_gt_lesions=1)),
-    ("51 mm3 is kept", "GLI", [(5, 5, 5, 3, 17, 1)], [], (1, 1, 1),
-     dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, num_fn=1)),
+    (
+        "perfect",
+        "GLI",
+        [CUBE_A],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, legacy_dice=1.0, legacy_hd95=0.0, num_tp=1, num_fp=0, num_fn=0),
+    ),
+    (
+        "missed lesion: Dice 0, HD95 374",
+        "GLI",
+        [CUBE_A, CUBE_B],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(
+            lesionwise_dice=0.5,
+            lesionwise_hd95=187.0,
+            legacy_dice=2 * 64 / 192,
+            num_tp=1,
+            num_fp=0,
+            num_fn=1,
+            sensitivity=0.5,
+            specificity=1.0,
+        ),
+    ),
+    (
+        "1-voxel false positive, no size filter on predictions",
+        "GLI",
+        [CUBE_A],
+        [CUBE_A, VOXEL_FAR],
+        (1, 1, 1),
+        dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=1, num_fn=0),
+    ),
+    (
+        "missed lesion below 50 mm3 is dropped",
+        "GLI",
+        [CUBE_A, SMALL],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0),
+    ),
+    (
+        "hit lesion below 50 mm3 is dropped and its match is no FP",
+        "GLI",
+        [CUBE_A, SMALL],
+        [CUBE_A, SMALL],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0),
+    ),
+    (
+        "GT parts 3 voxels apart merge with dilation 3 (GLI)",
+        "GLI",
+        [CUBE_A, (12, 5, 5, 4, 4, 4)],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(lesionwise_dice=2 * 64 / 192, num_tp=1, num_fp=0, num_fn=0, num_gt_lesions=1),
+    ),
+    (
+        "...and stay two lesions with dilation 1 (MET)",
+        "MET",
+        [CUBE_A, (12, 5, 5, 4, 4, 4)],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=0, num_fn=1, num_gt_lesions=2),
+    ),
+    (
+        "one component serves two lesions (MET)",
+        "MET",
+        [CUBE_A, (12, 5, 5, 4, 4, 4)],
+        [(5, 5, 5, 11, 4, 4)],
+        (1, 1, 1),
+        dict(lesionwise_dice=128 / 240, num_tp=2, num_fp=0, num_fn=0),
+    ),
+    (
+        "component 1 voxel off the lesion is inside dilation 3",
+        "GLI",
+        [CUBE_A],
+        [CUBE_A, (10, 5, 5, 1, 1, 1)],
+        (1, 1, 1),
+        dict(lesionwise_dice=2 * 64 / 129, num_tp=1, num_fp=0, num_fn=0),
+    ),
+    (
+        "...but a false positive with dilation 1",
+        "MEN",
+        [CUBE_A],
+        [CUBE_A, (10, 5, 5, 1, 1, 1)],
+        (1, 1, 1),
+        dict(lesionwise_dice=0.5, lesionwise_hd95=187.0, num_tp=1, num_fp=1, num_fn=0),
+    ),
+    (
+        "MET threshold 2 mm3: 1-voxel GT dropped, its neighbour no FP",
+        "MET",
+        [CUBE_A, (30, 30, 30, 1, 1, 1)],
+        [CUBE_A, (31, 30, 30, 1, 1, 1)],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_tp=1, num_fp=0, num_fn=0, num_gt_lesions=2),
+    ),
+    (
+        "both empty",
+        "GLI",
+        [],
+        [],
+        (1, 1, 1),
+        dict(
+            lesionwise_dice=1.0,
+            lesionwise_hd95=0.0,
+            legacy_dice=1.0,
+            legacy_hd95=0.0,
+            num_tp=0,
+            num_fp=0,
+            num_fn=0,
+            sensitivity=1.0,
+        ),
+    ),
+    (
+        "empty prediction",
+        "GLI",
+        [CUBE_A],
+        [],
+        (1, 1, 1),
+        dict(
+            lesionwise_dice=0.0, lesionwise_hd95=374.0, legacy_dice=0.0, legacy_hd95=374.0, num_tp=0, num_fp=0, num_fn=1
+        ),
+    ),
+    (
+        "empty ground truth",
+        "GLI",
+        [],
+        [CUBE_A],
+        (1, 1, 1),
+        dict(
+            lesionwise_dice=0.0, lesionwise_hd95=374.0, legacy_dice=0.0, legacy_hd95=374.0, num_tp=0, num_fp=1, num_fn=0
+        ),
+    ),
+    (
+        "volume is voxels x voxel volume: 27 voxels of 2 mm3 are kept",
+        "GLI",
+        [(5, 5, 5, 3, 3, 3)],
+        [],
+        (1, 1, 2),
+        dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, num_fn=1),
+    ),
+    (
+        "...27 voxels of 1 mm3 are dropped",
+        "GLI",
+        [(5, 5, 5, 3, 3, 3)],
+        [],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_fn=0),
+    ),
+    (
+        "a lesion of exactly 50 mm3 is dropped (<=)",
+        "GLI",
+        [(5, 5, 5, 5, 5, 2)],
+        [],
+        (1, 1, 1),
+        dict(lesionwise_dice=1.0, lesionwise_hd95=0.0, num_fn=0, num_gt_lesions=1),
+    ),
+    (
+        "51 mm3 is kept",
+        "GLI",
+        [(5, 5, 5, 3, 17, 1)],
+        [],
+        (1, 1, 1),
+        dict(lesionwise_dice=0.0, lesionwise_hd95=374.0, num_fn=1),
+    ),
 ]
 
 
@@ -83,7 +211,9 @@ def _check(values: dict, expected: dict, where: str) -> None:
             assert got == pytest.approx(want, abs=1e-9), f"{where} {key}: {got}, expected {want}"
 
 
-@pytest.mark.parametrize("name,challenge,gt,pred,spacing,expected", BRATS2023_TABLE, ids=[r[0] for r in BRATS2023_TABLE])
+@pytest.mark.parametrize(
+    "name,challenge,gt,pred,spacing,expected", BRATS2023_TABLE, ids=[r[0] for r in BRATS2023_TABLE]
+)
 def test_brats2023_table(name, challenge, gt, pred, spacing, expected):
     out = lesion_wise(vol(*pred), vol(*gt), challenge, "brats2023", spacing)
     assert set(out) == {"WT", "TC", "ET"}
@@ -156,7 +286,13 @@ def test_brats2026_penalised_variant():
 
 def test_brats2026_groups_per_challenge():
     assert protocol_regions("GLI", "brats2026") == {
-        "NETC": (1,), "SNFH": (2,), "ET": (3,), "RC": (4,), "TC": (1, 3), "WT": (1, 2, 3)}
+        "NETC": (1,),
+        "SNFH": (2,),
+        "ET": (3,),
+        "RC": (4,),
+        "TC": (1, 3),
+        "WT": (1, 2, 3),
+    }
     assert protocol_regions("PED", "brats2026")["WT"] == (1, 2, 3, 4)
     assert set(protocol_regions("MET", "brats2026")) == {"ET", "RC", "TC", "WT"}
     assert set(protocol_regions("BraTS-SSA", "brats2026")) == {"ET", "TC", "WT"}
@@ -201,9 +337,11 @@ def test_per_component_surfaces_equal_whole_mask_surfaces(seed):
     from bratstune.metrics.surface import hd95_surfel, hd95_voxel
 
     rng = np.random.default_rng(seed)
+
     def blobs():
         noise = ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.5)
         return np.where(noise > np.quantile(noise, 0.93), 3, 0).astype(np.uint8)
+
     gt, pred = blobs(), blobs()
     pred[gt == 3] = np.where(rng.random(int((gt == 3).sum())) < 0.7, 3, 0)  # overlap
     spacing = (1.0, 1.2, 2.0)

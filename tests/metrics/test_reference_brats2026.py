@@ -9,6 +9,7 @@ The package is given numpy arrays and ``voxelspacing`` (its NIfTI path goes thro
 which hands it (z, y, x) arrays with (x, y, z) spacing, so anisotropic files are not trustworthy
 there). Its whole-region HD95 ignores the spacing, so ``legacy_hd95`` is compared at 1 mm only.
 """
+
 from __future__ import annotations
 
 import math
@@ -117,9 +118,7 @@ def _cases():
         spacing = (1.0, 1.0, 1.0)
         if rng.random() < 0.25:
             spacing = tuple(float(x) for x in rng.choice([0.5, 0.8, 1.0, 1.2, 2.0, 3.0], size=3))
-        cases.append(
-            {"id": f"s{i:03d}", "challenge": challenge, "gt": gt, "pred": pred, "spacing": spacing}
-        )
+        cases.append({"id": f"s{i:03d}", "challenge": challenge, "gt": gt, "pred": pred, "spacing": spacing})
     return cases
 
 
@@ -173,9 +172,13 @@ def _compare(case, ours, ref, stats):
         for ref_key, our_key in (("tp", "num_tp"), ("fp", "num_fp"), ("fn", "num_fn")):
             assert o[our_key] == r[ref_key], f"{where} {our_key}: {o[our_key]} vs {r[ref_key]}"
         for ref_key, our_key in (
-            ("prec", "precision"), ("rec", "recall"), ("rq", "f1"),
-            ("sq_dsc", "lesionwise_dice"), ("sq_dsc_std", "lesionwise_dice_std"),
-            ("sq_nsd", "lesionwise_nsd"), ("global_bin_dsc", "legacy_dice"),
+            ("prec", "precision"),
+            ("rec", "recall"),
+            ("rq", "f1"),
+            ("sq_dsc", "lesionwise_dice"),
+            ("sq_dsc_std", "lesionwise_dice_std"),
+            ("sq_nsd", "lesionwise_nsd"),
+            ("global_bin_dsc", "legacy_dice"),
         ):
             stats["dice"] = max(stats["dice"], _close(o[our_key], r.get(ref_key), 1e-6, f"{where} {our_key}"))
         for ref_key, our_key in (("sq_hd95", "lesionwise_hd95"), ("sq_hd95_std", "lesionwise_hd95_std")):
@@ -212,8 +215,15 @@ def _evaluate_ours(case):
 
 def _run(cases, reference_runner, tmp_path):
     job = [
-        {"id": c["id"], "kind": "brats2026", "config": CONFIG[c["challenge"]], "pred": c["pred"], "gt": c["gt"],
-         "spacing": c["spacing"], "mets_parse": True}
+        {
+            "id": c["id"],
+            "kind": "brats2026",
+            "config": CONFIG[c["challenge"]],
+            "pred": c["pred"],
+            "gt": c["gt"],
+            "spacing": c["spacing"],
+            "mets_parse": True,
+        }
         for c in cases
     ]
     reference = reference_runner(job, tmp_path)
@@ -226,8 +236,10 @@ def _run(cases, reference_runner, tmp_path):
 def test_brats2026_matches_brats_evaluation_on_random_cases(reference_runner, tmp_path):
     stats = _run(_cases(), reference_runner, tmp_path)
     assert stats["cases"] == N_SMALL
-    print(f"\nbrats2026 differential: {stats['cases']} cases, max |diff| dice-like {stats['dice']:.2e}, "
-          f"hd95 {stats['hd95']:.2e} mm")
+    print(
+        f"\nbrats2026 differential: {stats['cases']} cases, max |diff| dice-like {stats['dice']:.2e}, "
+        f"hd95 {stats['hd95']:.2e} mm"
+    )
 
 
 @pytest.mark.slow

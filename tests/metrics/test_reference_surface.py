@@ -4,6 +4,7 @@ The DeepMind package (PyPI ``surface-distance`` 0.1) lives only in ``.venv-ref``
 Hausdorff distance and its surfel-area table are compared with ours on random masks (blobs, single
 voxels, masks touching the array's edge, empty masks) and anisotropic spacings.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,15 @@ def _cases():
             pred = np.zeros(shape, bool)
             if i % 12 == 5:
                 gt = np.zeros(shape, bool)
-        cases.append({"id": f"c{i}", "kind": "surface", "gt": gt.astype(np.uint8), "pred": pred.astype(np.uint8),
-                      "spacing": SPACINGS[i % len(SPACINGS)]})
+        cases.append(
+            {
+                "id": f"c{i}",
+                "kind": "surface",
+                "gt": gt.astype(np.uint8),
+                "pred": pred.astype(np.uint8),
+                "spacing": SPACINGS[i % len(SPACINGS)],
+            }
+        )
     return cases
 
 

@@ -15,6 +15,7 @@ def trained_ensemble(tmp_path_factory) -> Path:
     It records the training cases' fingerprint, so the drift check has a reference.
     """
     from bratstune.data.cache import CaseCache
+    from bratstune.data.cohort import TrainData
     from bratstune.data.fingerprint import training_fingerprint
     from bratstune.data.layout import discover
     from bratstune.data.preprocess import PreprocessConfig
@@ -22,7 +23,7 @@ def trained_ensemble(tmp_path_factory) -> Path:
     from bratstune.ensemble.package import Ensemble
     from bratstune.inference.sliding_window import InferenceConfig
     from bratstune.labels import scheme_for
-    from bratstune.training.fit import TrainData, fit
+    from bratstune.training.fit import fit
 
     root = tmp_path_factory.mktemp("train")
     generate_cohort(

@@ -20,15 +20,20 @@ def test_list_presets():
 
 @pytest.mark.parametrize("name", ARCH_PRESETS + PUBLISHED)
 def test_preset_is_a_valid_train_config_and_builds(name):
-    from bratstune.training.losses import CompoundLoss
     from bratstune.models import build_model
     from bratstune.training.config import load_train_config
+    from bratstune.training.losses import CompoundLoss
 
     config = load_train_config(load_preset(name))
     assert describe_preset(name)
     build_model(config.model.name, 4, 3, patch_size=config.data.patch_size, **config.model.kwargs)
-    CompoundLoss(config.loss.weights, mode=config.loss.mode, alpha=config.loss.alpha, beta=config.loss.beta,
-                 gamma=config.loss.gamma)
+    CompoundLoss(
+        config.loss.weights,
+        mode=config.loss.mode,
+        alpha=config.loss.alpha,
+        beta=config.loss.beta,
+        gamma=config.loss.gamma,
+    )
 
 
 @pytest.mark.parametrize("name", ARCH_PRESETS)
@@ -39,11 +44,16 @@ def test_architecture_presets_use_their_architecture(name):
 @pytest.mark.parametrize(
     ("name", "loss", "optim"),
     [
-        ("focal_tversky_ce",
-         {"weights": {"focal_tversky": 1.0, "ce": 1.0}, "alpha": 0.3, "beta": 0.7, "gamma": 2.0},
-         {"name": "adam", "lr": 1e-4, "schedule": "cosine", "warmup_fraction": 0.02}),
-        ("dice_focal_edge", {"weights": {"dice": 1.0, "focal": 1.0, "edge": 0.05}},
-         {"name": "adam", "lr": 6e-5, "schedule": "exponential"}),
+        (
+            "focal_tversky_ce",
+            {"weights": {"focal_tversky": 1.0, "ce": 1.0}, "alpha": 0.3, "beta": 0.7, "gamma": 2.0},
+            {"name": "adam", "lr": 1e-4, "schedule": "cosine", "warmup_fraction": 0.02},
+        ),
+        (
+            "dice_focal_edge",
+            {"weights": {"dice": 1.0, "focal": 1.0, "edge": 0.05}},
+            {"name": "adam", "lr": 6e-5, "schedule": "exponential"},
+        ),
         ("mse_ce_edge", {"weights": {"mse": 0.25, "ce": 0.0044, "edge": 0.00015}}, {}),
     ],
 )

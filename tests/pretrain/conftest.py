@@ -1,4 +1,5 @@
 """Tiny MAE / UNETR sizes shared by the pre-training tests (UNETR always has 12 ViT layers)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,18 +1,19 @@
 """Loading MAE encoders into segmenters: the report, interpolation, sources, the train-config route."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from bratstune.errors import ConfigError, DataError
+from bratstune.models import build_model
 from bratstune.models.encoder_init import (
     encoder_init_overrides,
     interpolate_pos_embed,
     load_encoder_weights,
     resolve_encoder_source,
 )
-from bratstune.errors import ConfigError, DataError
-from bratstune.models import build_model
 from bratstune.pretrain.export import save_encoder
 
 from .conftest import TINY_UNETR
@@ -76,8 +77,17 @@ def test_monai_masked_autoencoder_state_dicts_are_mapped(tmp_path):
 
     torch.manual_seed(0)
     monai_mae = MaskedAutoEncoderViT(
-        in_channels=4, img_size=32, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=12, num_heads=3,
-        decoder_hidden_size=48, decoder_mlp_dim=96, decoder_num_layers=1, decoder_num_heads=3,
+        in_channels=4,
+        img_size=32,
+        patch_size=16,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=12,
+        num_heads=3,
+        decoder_hidden_size=48,
+        decoder_mlp_dim=96,
+        decoder_num_layers=1,
+        decoder_num_heads=3,
         pos_embed_type="learnable",
     )
     torch.save(monai_mae.state_dict(), tmp_path / "monai.pt")
@@ -90,16 +100,18 @@ def test_monai_masked_autoencoder_state_dicts_are_mapped(tmp_path):
 
 def test_train_config_routes_encoder_from_and_freezes(exported):
     from bratstune.labels import get_scheme
-    from bratstune.training.network import prepare_network
     from bratstune.training.config import load_train_config
+    from bratstune.training.network import prepare_network
 
     mae, path = exported
-    config = load_train_config({
-        "model": {"name": "unetr", "kwargs": {k: v for k, v in TINY_UNETR.items() if k != "patch_size"}},
-        "data": {"patch_size": [32, 32, 32]},
-        "init": {"encoder_from": str(path), "require_complete": True},
-        "freeze": ["encoder"],
-    })
+    config = load_train_config(
+        {
+            "model": {"name": "unetr", "kwargs": {k: v for k, v in TINY_UNETR.items() if k != "patch_size"}},
+            "data": {"patch_size": [32, 32, 32]},
+            "init": {"encoder_from": str(path), "require_complete": True},
+            "freeze": ["encoder"],
+        }
+    )
     model = prepare_network(config, get_scheme("brats2023"))
     assert model.bratstune_init_report.complete
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -114,7 +126,9 @@ def test_sources_and_search_space_overrides(tmp_path):
         resolve_encoder_source(tmp_path / "empty")
     assert encoder_init_overrides("scratch", freeze_encoder=True) == {"init.encoder_from": None, "freeze": []}
     assert encoder_init_overrides("mae", freeze_encoder=True) == {
-        "init.encoder_from": "models:/bratstune-mae-encoder@latest", "freeze": ["encoder"]}
+        "init.encoder_from": "models:/bratstune-mae-encoder@latest",
+        "freeze": ["encoder"],
+    }
     with pytest.raises(ConfigError, match="did you mean 'mae'"):
         encoder_init_overrides("mea")
 

@@ -1,4 +1,5 @@
 """The MAE module, masking, loss, schedule and config (no Ray)."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from bratstune.errors import ConfigError
-from bratstune.pretrain.worker import lr_lambda
 from bratstune.pretrain.config import MaeModelConfig, load_pretrain_config
 from bratstune.pretrain.model import (
     encoder_state_dict,
@@ -18,6 +18,7 @@ from bratstune.pretrain.model import (
     random_noise,
     unpatchify,
 )
+from bratstune.pretrain.worker import lr_lambda
 
 
 def test_patchify_round_trip_and_token_order_match_the_patch_embedding(tiny_mae):
@@ -53,7 +54,7 @@ def test_masking_hides_the_configured_fraction_and_follows_the_noise(tiny_mae):
     y = x[:1].clone()
     hidden = torch.nonzero(mask[0])[0].item()
     gx, gy, gz = np.unravel_index(hidden, (2, 2, 2))
-    y[:, :, gx * 16:(gx + 1) * 16, gy * 16:(gy + 1) * 16, gz * 16:(gz + 1) * 16] += 5.0
+    y[:, :, gx * 16 : (gx + 1) * 16, gy * 16 : (gy + 1) * 16, gz * 16 : (gz + 1) * 16] += 5.0
     with torch.no_grad():
         torch.testing.assert_close(model.encode_visible(x[:1], keep), model.encode_visible(y, keep))
 

@@ -6,6 +6,7 @@ per-epoch checkpoint is registered; the second run, with the same name, resumes 
 finishes (export, MLflow, registry). The tests then check the resume, the DDP lock-step of the
 workers, the MLflow record and that the registered encoder loads into ``unetr`` completely.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,16 +67,39 @@ def runs(tmp_path_factory):
     generate_cohort(home / "gli", challenge="GLI", cases=3, shape=(32, 32, 32), seed=0, anatomy="procedural")
     generate_cohort(home / "ped", challenge="PED", cases=1, shape=(32, 32, 32), seed=0, anatomy="procedural")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(BRATSTUNE_HOME=str(home), BRATSTUNE_CACHE=str(home / "cache"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        BRATSTUNE_HOME=str(home),
+        BRATSTUNE_CACHE=str(home / "cache"),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     temp_dirs = [tempfile.mkdtemp(prefix="rmae", dir="/tmp") for _ in range(2)]
 
     def command(temp_dir: str) -> list[str]:
         return [
-            sys.executable, str(ROOT / "jobs" / "pretrain_mae.py"), "--smoke-test", "--workers", "2",
-            "--data", str(home / "gli"), str(home / "ped"), "--num-cpus", "2", "--ray-temp-dir", temp_dir,
-            "--name", NAME, "--storage-path", str(home / "runs"), "--param-digest-dir", str(home / "digests"),
-            "--set", f"epochs={EPOCHS}", "--set", "steps_per_epoch=12",
+            sys.executable,
+            str(ROOT / "jobs" / "pretrain_mae.py"),
+            "--smoke-test",
+            "--workers",
+            "2",
+            "--data",
+            str(home / "gli"),
+            str(home / "ped"),
+            "--num-cpus",
+            "2",
+            "--ray-temp-dir",
+            temp_dir,
+            "--name",
+            NAME,
+            "--storage-path",
+            str(home / "runs"),
+            "--param-digest-dir",
+            str(home / "digests"),
+            "--set",
+            f"epochs={EPOCHS}",
+            "--set",
+            "steps_per_epoch=12",
         ]
 
     run_dir = home / "runs" / NAME
@@ -83,12 +107,15 @@ def runs(tmp_path_factory):
     try:
         start = time.monotonic()
         with open(home / "first.log", "w") as log:
-            first = subprocess.Popen(command(temp_dirs[0]), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+            first = subprocess.Popen(
+                command(temp_dirs[0]), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             deadline = time.monotonic() + 300
             while _registered_checkpoints(run_dir) < 1:
                 if first.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"first run ended/timed out before a checkpoint:\n{(home / 'first.log').read_text()[-4000:]}")
+                    pytest.fail(
+                        f"first run ended/timed out before a checkpoint:\n{(home / 'first.log').read_text()[-4000:]}"
+                    )
                 time.sleep(0.1)
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
@@ -152,20 +179,22 @@ def test_mlflow_run_records_scaling_history_and_artifacts(runs, monkeypatch):
 
 
 def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(runs, monkeypatch):
-    from bratstune.labels import get_scheme
-    from bratstune.training.network import prepare_network
     from bratstune.errors import DataError
+    from bratstune.labels import get_scheme
     from bratstune.tracking.artifacts import localise_config
     from bratstune.training.config import load_train_config
+    from bratstune.training.network import prepare_network
 
     from .conftest import TINY_UNETR
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{runs['home'] / 'mlflow.db'}")
-    config = load_train_config({
-        "model": {"name": "unetr", "kwargs": {k: v for k, v in TINY_UNETR.items() if k != "patch_size"}},
-        "data": {"patch_size": [32, 32, 32]},
-        "init": {"encoder_from": "models:/bratstune-mae-encoder@latest", "require_complete": True},
-    })
+    config = load_train_config(
+        {
+            "model": {"name": "unetr", "kwargs": {k: v for k, v in TINY_UNETR.items() if k != "patch_size"}},
+            "data": {"patch_size": [32, 32, 32]},
+            "init": {"encoder_from": "models:/bratstune-mae-encoder@latest", "require_complete": True},
+        }
+    )
     with pytest.raises(DataError, match="must be downloaded before training"):
         prepare_network(config, get_scheme("brats2023"))  # training itself never talks to MLflow
     local, _ = localise_config(config.to_dict(), dst=runs["home"] / "init")
@@ -180,7 +209,8 @@ def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(run
     assert all(torch.equal(state[k], exported[k]) for k in vit_keys)
     # the run id works as a source too
     from bratstune.models.encoder_init import load_encoder_weights
-
     from bratstune.tracking.artifacts import resolve_artifact
 
-    assert load_encoder_weights(model, resolve_artifact(runs["summary"]["run_id"], default_artifact="encoder").path).complete
+    assert load_encoder_weights(
+        model, resolve_artifact(runs["summary"]["run_id"], default_artifact="encoder").path
+    ).complete

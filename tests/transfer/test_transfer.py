@@ -3,6 +3,7 @@
 Tiny procedural 32^3 cohorts, a seeded (untrained) GLI unet [8, 16, 32] saved as a best-model
 folder, 1 epoch x 3 steps of fine-tuning; the file takes well under a minute on one thread.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,10 +31,10 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory) -> Path:
     """A GLI best-model folder (model.pt + config.yaml) of a seeded unet."""
-    from bratstune.training.checkpoint import save_best
     from bratstune.labels import scheme_for
-    from bratstune.training.network import build_network, resolve_config
+    from bratstune.training.checkpoint import save_best
     from bratstune.training.config import load_train_config
+    from bratstune.training.network import build_network, resolve_config
 
     torch.manual_seed(123)
     config = resolve_config(load_train_config(CONFIG))
@@ -56,8 +57,9 @@ def ssa_data(tmp_path_factory, source_dir):
     from bratstune.transfer import load_source, prepare_target
 
     root = _cohort(tmp_path_factory, "SSA")
-    data, challenge = prepare_target(root, load_source(source_dir), val_fraction=0.25,
-                                     cache_root=tmp_path_factory.mktemp("cache"))
+    data, challenge = prepare_target(
+        root, load_source(source_dir), val_fraction=0.25, cache_root=tmp_path_factory.mktemp("cache")
+    )
     assert challenge == "SSA"
     return data
 
@@ -73,8 +75,9 @@ def test_frozen_group_bit_identical(tmp_path, source_dir, ssa_data, frozen, chan
 
     source = load_source(source_dir)
     before = {k: v.clone() for k, v in source.model.state_dict().items()}
-    result = finetune(source, ssa_data, {"steps_per_epoch": 3}, freeze=[frozen], out_dir=tmp_path / "ft",
-                      challenge="SSA")
+    result = finetune(
+        source, ssa_data, {"steps_per_epoch": 3}, freeze=[frozen], out_dir=tmp_path / "ft", challenge="SSA"
+    )
     groups = layer_groups(result.model)
     after = result.model.state_dict()
     kept = _tensors(after, groups[frozen])
@@ -92,10 +95,10 @@ def test_frozen_group_bit_identical(tmp_path, source_dir, ssa_data, frozen, chan
 def test_gli_to_ped_remaps_head(tmp_path, tmp_path_factory, source_dir, caplog):
     import logging
 
-    from bratstune.labels import scheme_for
-    from bratstune.transfer import finetune, load_source, prepare_target, remap_head
     from bratstune.inference.outputs import decode_prediction
     from bratstune.inference.sliding_window import predict_probabilities
+    from bratstune.labels import scheme_for
+    from bratstune.transfer import finetune, load_source, prepare_target, remap_head
 
     source = load_source(source_dir)
     ped = scheme_for("PED")
@@ -142,7 +145,13 @@ def test_missing_modality_refused_unless_filled(tmp_path, tmp_path_factory, sour
         prepare_target(root, source, cache_root=tmp_path / "cache")
     needed = check_modalities(source.modalities, root, {"t1n": "zeros"})
     assert list(needed.values()) == [{"t1n": "zeros"}]
-    data, _ = prepare_target(root, source, fill={"t1n": "t1c"}, val_fraction=0.0, cache_root=tmp_path / "cache",
-                             filled_dir=tmp_path / "filled")
+    data, _ = prepare_target(
+        root,
+        source,
+        fill={"t1n": "t1c"},
+        val_fraction=0.0,
+        cache_root=tmp_path / "cache",
+        filled_dir=tmp_path / "filled",
+    )
     assert len(data.train) == 3
     assert (tmp_path / "filled" / victim.parent.name / victim.name).exists()

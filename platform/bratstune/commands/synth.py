@@ -7,7 +7,6 @@ import time
 
 from bratstune.data.synthetic import generate_cohort
 
-
 # Same values as bratstune.data.synthetic (checked by a test); repeated here so that building
 # the CLI parser does not import numpy/scipy.
 CHALLENGES = ("GLI", "SSA", "MEN", "MET", "PED")

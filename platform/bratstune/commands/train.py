@@ -21,7 +21,7 @@ import mlflow
 
 from bratstune import paths
 from bratstune.config_utils import apply_overrides, load_yaml
-from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
+from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config, split_train_val
 from bratstune.errors import ConfigError
 from bratstune.inference.outputs import decode_prediction
 from bratstune.inference.sliding_window import predict_probabilities
@@ -30,7 +30,7 @@ from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking.artifacts import localise_config
 from bratstune.tracking.runs import setup_mlflow, start_run
 from bratstune.training.config import load_train_config
-from bratstune.training.fit import TrainData, fit, inference_settings, resolve_config
+from bratstune.training.fit import fit, inference_settings, resolve_config
 from bratstune.training.validate import save_overlay_png
 
 

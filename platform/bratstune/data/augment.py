@@ -15,6 +15,7 @@ Example YAML (every key optional)::
       scale_range: [0.85, 1.15]
       elastic_prob: 0.05    # slow on CPU: about 0.3 s per 48^3 patch (affine: 0.02 s)
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,9 +96,7 @@ class AugmentConfig:
         if self.rotation_degrees < 0 or self.noise_std < 0 or self.elastic_max_displacement < 0:
             raise ConfigError("augment: rotation_degrees, noise_std and elastic_max_displacement must be >= 0")
         if self.elastic_control_points < 5:
-            raise ConfigError(
-                f"augment.elastic_control_points: expected >= 5, got {self.elastic_control_points}"
-            )
+            raise ConfigError(f"augment.elastic_control_points: expected >= 5, got {self.elastic_control_points}")
 
 
 def augment_config(mapping: Mapping[str, Any] | None, *, where: str = "augment") -> AugmentConfig:

@@ -15,6 +15,7 @@ temporary folder and renamed into place in one step, so trials preparing the sam
 same time never see (or leave) a half-written entry: the first rename wins, the others discard
 their copy.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -326,7 +327,11 @@ class CaseCache:
         todo = [c for c in cases if self.lookup(c, config, reference=reference) is None]
         logger.info(
             "cache %s: %d/%d cases cached, preparing %d with %d worker(s)",
-            self.root, len(cases) - len(todo), len(cases), len(todo), workers,
+            self.root,
+            len(cases) - len(todo),
+            len(cases),
+            len(todo),
+            workers,
         )
         self._run(todo, config, reference, workers)
         return [self.load(c, config, reference=reference) for c in cases]
@@ -348,7 +353,12 @@ class CaseCache:
                 return
             logger.info(
                 "prepared %d/%d cases (%s) in %.1f s, %.2f s/case, %.1f MB written",
-                done, len(todo), case_id, elapsed, elapsed / done, written / 1e6,
+                done,
+                len(todo),
+                case_id,
+                elapsed,
+                elapsed / done,
+                written / 1e6,
             )
 
         if workers == 1 or len(todo) == 1:
@@ -364,7 +374,5 @@ class CaseCache:
         self._memo = None  # workers updated the digest memo on disk
 
 
-def _build_in_worker(
-    root: str, case: Case, config: PreprocessConfig, reference: HistogramReference | None
-) -> int:
+def _build_in_worker(root: str, case: Case, config: PreprocessConfig, reference: HistogramReference | None) -> int:
     return CaseCache(root)._build(case, config, reference)

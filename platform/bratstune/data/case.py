@@ -101,7 +101,6 @@ class CaseReport:
     problems: list[DataError] = field(default_factory=list)
 
 
-
 # ---------------------------------------------------------------------------------- whole cases
 
 
@@ -126,7 +125,9 @@ def _label_array(raw: np.ndarray, path: Path) -> np.ndarray:
 def _check_channel_count(case: Case, shape: tuple[int, ...], path: Path) -> None:
     need = max((case.channel or {}).values(), default=-1) + 1
     if len(shape) != 4 or shape[3] < need:
-        raise DataError(path, f"expected {need} channels on the 4th axis (FLAIR, T1w, t1gd, T2w), got shape {tuple(shape)}")
+        raise DataError(
+            path, f"expected {need} channels on the 4th axis (FLAIR, T1w, t1gd, T2w), got shape {tuple(shape)}"
+        )
 
 
 def _image_channels(case: Case, arr: np.ndarray, path: Path) -> dict[str, np.ndarray]:
@@ -181,9 +182,7 @@ def load_case(case: Case, *, scheme: LabelScheme | str | None = None) -> CaseDat
     return CaseData(case, image, label, np.asarray(ref[2], dtype=np.float64), header, spacing)
 
 
-def validate_case(
-    case: Case, *, scheme: LabelScheme | str | None = None, read_voxels: bool = True
-) -> CaseReport:
+def validate_case(case: Case, *, scheme: LabelScheme | str | None = None, read_voxels: bool = True) -> CaseReport:
     """Check every file of a case and collect every problem instead of stopping at the first.
 
     Args:

@@ -5,6 +5,7 @@ Shared by ``bratstune train`` and the jobs that call :func:`bratstune.training.f
     prepared = prepare_cohort(Path("data/GLI"), PreprocessConfig(), workers=2)
     data = split_train_val(prepared, val_fraction=0.2, seed=0)
 """
+
 from __future__ import annotations
 
 import logging

@@ -26,7 +26,10 @@ PERCENTILES = ("p1", "p50", "p99")
 def data_fingerprint(case_ids: Iterable[str], preprocess: Any = None) -> str:
     """16-hex-digit hash of the sorted case ids and the preprocessing config."""
     payload = json.dumps(
-        {"cases": sorted(str(c) for c in case_ids), "preprocess": to_dict(preprocess) if preprocess is not None else None},
+        {
+            "cases": sorted(str(c) for c in case_ids),
+            "preprocess": to_dict(preprocess) if preprocess is not None else None,
+        },
         sort_keys=True,
         default=str,
     )

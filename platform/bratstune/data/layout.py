@@ -23,6 +23,7 @@ msd         ``imagesTr/BRATS_001.nii.gz`` (4-D, channels    channel 0 FLAIR → 
 Images load as float32 ``(C, X, Y, Z)`` in `MODALITIES` order, labels as uint8 ``(X, Y, Z)``.
 Low-level file reading and writing lives in :mod:`bratstune.data.nifti`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -51,7 +52,6 @@ __all__ = [
     "default_scheme",
     "discover",
 ]
-
 
 
 class Convention(str, enum.Enum):
@@ -101,7 +101,16 @@ class Cohort:
 _LEGACY_MODALITIES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "label"}
 _NEW_MODALITIES = {"t1n": "t1n", "t1c": "t1c", "t2w": "t2w", "t2f": "t2f", "seg": "label"}
 _MSD_CHANNELS = {"t2f": 0, "t1n": 1, "t1c": 2, "t2w": 3}  # FLAIR, T1w, t1gd, T2w
-_MSD_NAMES = {"flair": "t2f", "t1w": "t1n", "t1": "t1n", "t1gd": "t1c", "t1ce": "t1c", "t1c": "t1c", "t2w": "t2w", "t2": "t2w"}
+_MSD_NAMES = {
+    "flair": "t2f",
+    "t1w": "t1n",
+    "t1": "t1n",
+    "t1gd": "t1c",
+    "t1ce": "t1c",
+    "t1c": "t1c",
+    "t2w": "t2w",
+    "t2": "t2w",
+}
 
 _PATTERNS: dict[str, re.Pattern[str]] = {
     "brats2023": re.compile(
@@ -250,8 +259,12 @@ def discover(
                 )
             )
         if len(present) > 1:
-            detail = "; ".join(f"{c}: {len(found[c])} files, e.g. {found[c][0].path.relative_to(root)}" for c in present)
-            problem = DataError(root, f"mixed naming conventions ({detail}); keep one convention per folder or pass convention=")
+            detail = "; ".join(
+                f"{c}: {len(found[c])} files, e.g. {found[c][0].path.relative_to(root)}" for c in present
+            )
+            problem = DataError(
+                root, f"mixed naming conventions ({detail}); keep one convention per folder or pass convention="
+            )
             if strict:
                 raise problem
             problems.append(problem)
@@ -270,8 +283,14 @@ def discover(
         raise problems[0]
     for p in sorted(ignored):
         logger.debug("ignored %s (no %s name)", p, convention)
-    logger.debug("%s: %d %s cases (%d labelled), %d problems", root, len(cases), convention,
-                sum(c.label is not None for c in cases), len(problems))
+    logger.debug(
+        "%s: %d %s cases (%d labelled), %d problems",
+        root,
+        len(cases),
+        convention,
+        sum(c.label is not None for c in cases),
+        len(problems),
+    )
     return Cohort(root, convention, cases, problems, sorted(ignored))
 
 
@@ -294,7 +313,9 @@ def _assemble_brats(
         for m in sorted(by_case[case_id][folder], key=lambda x: (x.modality, x.path.name)):
             if m.modality in files:
                 problems.append(
-                    DataError(m.path, f"duplicate {m.modality} file for case '{case_id}': also {files[m.modality].name}")
+                    DataError(
+                        m.path, f"duplicate {m.modality} file for case '{case_id}': also {files[m.modality].name}"
+                    )
                 )
                 continue
             files[m.modality] = m.path

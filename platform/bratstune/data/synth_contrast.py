@@ -21,6 +21,7 @@ Then per modality: optional domain degradation (SSA: blur + resample to a coarse
 contrast compression), a smooth multiplicative bias field, a per-case gain and Rician
 noise ``sqrt((x + σ n1)^2 + (σ n2)^2)``; everything outside the head mask is exactly 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,6 +13,7 @@ Soft weights ``0.5 - 0.5·tanh((F - 1)/τ)`` of those fields give the partial-vo
 used by the contrast model, and thresholding the same weights at 0.5 gives the labels, so
 image and label boundaries agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -190,8 +191,7 @@ def _metastases(rng, grid, template) -> list[Lesion]:
         for _attempt in range(20):
             centre = _deep_centre(rng, template, radius + 2.0, extra=junction)
             far = all(
-                np.linalg.norm((centre - o.blobs[0].centre) * sp) > (radius + o.radius_mm) * 1.6 + 4
-                for o in lesions
+                np.linalg.norm((centre - o.blobs[0].centre) * sp) > (radius + o.radius_mm) * 1.6 + 4 for o in lesions
             )
             if far:
                 break

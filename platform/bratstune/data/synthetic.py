@@ -19,6 +19,7 @@ Randomness: case ``index`` of ``(seed, challenge)`` uses its own ``SeedSequence`
 anatomy / lesion / warp / contrast streams), so a case never depends on how many cases are
 generated, and the same arguments give byte-identical arrays.
 """
+
 from __future__ import annotations
 
 import logging
@@ -112,7 +113,6 @@ def case_id(challenge: str, index: int, naming: str = "2023") -> str:
 def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Atomic NIfTI write with a BraTS-like header (qform/sform code 1 "scanner", mm units)."""
 
-
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")
     header.set_qform(affine, code=1)
@@ -171,8 +171,10 @@ def generate_cohort(
     naming = check_choice(str(naming), NAMINGS, "naming")
     _check(challenge, anatomy, seed, start_index)
     if naming == "2021" and challenge == "PED":
-        raise ConfigError("naming '2021' uses legacy labels (1 NCR, 2 ED, 4 ET); PED labels cannot be "
-                          "expressed in it — use naming '2023'")
+        raise ConfigError(
+            "naming '2021' uses legacy labels (1 NCR, 2 ED, 4 ET); PED labels cannot be "
+            "expressed in it — use naming '2023'"
+        )
     if int(cases) < 0:
         raise ConfigError(f"cases must be >= 0, got {cases}")
     shape = make_grid(shape).shape

@@ -4,6 +4,7 @@ Entry point: :func:`lesion_wise` (``bratstune.metrics.api``). Building blocks: `
 Dice, IoU, confusion counts), ``surface`` (the two HD95 definitions), ``components`` (connected
 components, dilation-merged GT lesions), ``brats2023`` and ``brats2026`` (one region each).
 """
+
 from __future__ import annotations
 
 from bratstune.metrics.api import PROTOCOLS, REGION_NAMES, challenges, lesion_wise, protocol_regions

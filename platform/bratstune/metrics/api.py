@@ -14,6 +14,7 @@ needs); inside, each region's surface is extracted once and split by component, 
 from a grid-shell search around each surface point, so the cost grows with the tumour's surface,
 not with the 240×240×155 volume.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ _ALIASES = {"GOAT": "GOAT", "MENRT": "MEN-RT", "MEN_RT": "MEN-RT", "MEN-RT": "ME
 def _norm_challenge(challenge: str) -> str:
     name = str(challenge).strip().upper()
     if name.startswith("BRATS-"):
-        name = name[len("BRATS-"):]
+        name = name[len("BRATS-") :]
     return _ALIASES.get(name, name)
 
 
@@ -52,10 +53,8 @@ def challenges(protocol: str) -> tuple[str, ...]:
 
 def _check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-
         raise ValueError(
-            f"unknown protocol {protocol!r}{suggest(str(protocol), PROTOCOLS)}; "
-            f"expected one of {', '.join(PROTOCOLS)}"
+            f"unknown protocol {protocol!r}{suggest(str(protocol), PROTOCOLS)}; expected one of {', '.join(PROTOCOLS)}"
         )
 
 
@@ -167,9 +166,7 @@ def lesion_wise(
                 p, g, rule=rule, spacing=spacing_t, total_voxels=pred_l.size, lesion_table=lesions
             )
         else:
-            out[region] = brats2026.evaluate_region(
-                p, g, spacing=spacing_t, penalised=penalised, lesion_table=lesions
-            )
+            out[region] = brats2026.evaluate_region(p, g, spacing=spacing_t, penalised=penalised, lesion_table=lesions)
     return out
 
 

@@ -19,6 +19,7 @@ Rules, per region R (a set of label values), with dilation ``d`` and minimum vol
 Legacy whole-region metrics: Dice (1 if both empty), HD95 (0 if both empty, 374 if one is),
 BraTS sensitivity / specificity, and TP/FP/FN lesion counts (of kept lesions, and all FPs).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -140,8 +141,10 @@ def evaluate_region(
             p_pts, p_codes = pred_surf.select(hits)
             select = hits[0] if len(hits) == 1 else hits
             hd95 = SurfaceDistances(
-                pred_surf.distances_to(g_pts, spacing, select), areas[g_codes],
-                gt_surf.distances_to(p_pts, spacing, lesion_id), areas[p_codes],
+                pred_surf.distances_to(g_pts, spacing, select),
+                areas[g_codes],
+                gt_surf.distances_to(p_pts, spacing, lesion_id),
+                areas[p_codes],
             ).robust_hausdorff(95.0)
         else:
             dice, hd95 = 0.0, HD95_MISS
@@ -178,8 +181,10 @@ def evaluate_region(
         legacy_hd95 = rows[0]["hd95"]  # the one lesion and its match are the whole region
     else:
         legacy_hd95 = SurfaceDistances(
-            pred_surf.distances_to(gt_surf.points, spacing), areas[gt_surf.codes],
-            gt_surf.distances_to(pred_surf.points, spacing), areas[pred_surf.codes],
+            pred_surf.distances_to(gt_surf.points, spacing),
+            areas[gt_surf.codes],
+            gt_surf.distances_to(pred_surf.points, spacing),
+            areas[pred_surf.codes],
         ).robust_hausdorff(95.0)
 
     result = {

@@ -22,6 +22,7 @@ Rules, per region group R:
 Divergence from the package, on purpose: the whole-region HD95 uses the voxel spacing (panoptica
 computes its global HD95 with unit spacing whatever the spacing is); it is identical at 1 mm.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -92,8 +93,10 @@ def evaluate_region(
         pair_ref = values % (n_ref + 1)
         pair_pred = values // (n_ref + 1)
         pred_sizes = component_sizes(pred_cc, pred, n_pred)
-        dice = 2.0 * inter.astype(np.float64) / (
-            gt_sizes[pair_ref].astype(np.float64) + pred_sizes[pair_pred].astype(np.float64)
+        dice = (
+            2.0
+            * inter.astype(np.float64)
+            / (gt_sizes[pair_ref].astype(np.float64) + pred_sizes[pair_pred].astype(np.float64))
         )
         cost = np.full((n_ref, n_pred), _UNMATCHED_COST)
         for d, r, p in zip(dice.tolist(), pair_ref.tolist(), pair_pred.tolist()):

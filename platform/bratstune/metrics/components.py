@@ -4,6 +4,7 @@ Every function works on C-ordered arrays: cc3d numbers components in the order o
 voxel in a C-order raster scan, and both protocols rely on that order only for tie-breaking, which
 then matches the reference implementations (which also run cc3d on C-ordered arrays).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

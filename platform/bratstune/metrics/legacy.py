@@ -11,6 +11,7 @@ The BraTS 2023 code conventions are kept: Dice = 1 when both masks are empty; se
 specificity divide by ``(denominator + smallest positive float)`` and sensitivity is 1 when both
 masks are empty.
 """
+
 from __future__ import annotations
 
 import sys

@@ -13,6 +13,7 @@ Distances are ``sqrt((Δ0·s0)² + (Δ1·s1)² + (Δ2·s2)²)`` of the integer o
 ``surface.directed_distances`` and of ``scipy.ndimage.distance_transform_edt``, so both paths return
 the same float for the same nearest offset.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,9 +50,7 @@ def shells(spacing: tuple[float, float, float], radius: float) -> tuple[tuple[np
     sampling = np.asarray(spacing, dtype=np.float64)
     limit = float(radius) * float(sampling.min())
     reach = [int(np.floor(limit / s)) + 1 for s in sampling]
-    grid = np.stack(
-        np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), axis=-1
-    ).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), axis=-1).reshape(-1, 3)
     dist = offset_distance(grid, sampling)
     keep = dist <= limit
     grid, dist = grid[keep], dist[keep]
@@ -130,6 +129,7 @@ class SurfaceIndex:
         if n == 0:
             return out
         if select is None:
+
             def test(values: np.ndarray) -> np.ndarray:
                 return values != 0
         elif np.ndim(select) == 0:

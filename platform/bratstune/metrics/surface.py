@@ -36,6 +36,7 @@ areas for a spacing are computed exactly as DeepMind does (float64, per-triangle
 
 All distances are float64 in millimetres.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,7 +65,6 @@ __all__ = [
     "surfel_points",
     "voxel_border_distances",
 ]
-
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -124,9 +124,12 @@ def border_points(mask: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> np.nda
     c = (slice(1, -1),) * 3
     interior = (
         m[c]
-        & m[:-2, 1:-1, 1:-1] & m[2:, 1:-1, 1:-1]
-        & m[1:-1, :-2, 1:-1] & m[1:-1, 2:, 1:-1]
-        & m[1:-1, 1:-1, :-2] & m[1:-1, 1:-1, 2:]
+        & m[:-2, 1:-1, 1:-1]
+        & m[2:, 1:-1, 1:-1]
+        & m[1:-1, :-2, 1:-1]
+        & m[1:-1, 2:, 1:-1]
+        & m[1:-1, 1:-1, :-2]
+        & m[1:-1, 1:-1, 2:]
     )
     border[c] &= ~interior
     return _unravel(np.flatnonzero(border), border.shape, origin)
@@ -143,7 +146,9 @@ def _unravel(flat: np.ndarray, shape: Sequence[int], origin: Sequence[int]) -> n
     return points
 
 
-def directed_distances(src: np.ndarray, dst: np.ndarray, spacing: Sequence[float], tree: cKDTree | None = None) -> np.ndarray:
+def directed_distances(
+    src: np.ndarray, dst: np.ndarray, spacing: Sequence[float], tree: cKDTree | None = None
+) -> np.ndarray:
     """Distance (mm) of each point of ``src`` to the nearest point of ``dst`` (both (N, 3) integer).
 
     The nearest point is found with a k-d tree (exact); the distance is then recomputed from the
@@ -329,9 +334,7 @@ def hd95_surfel(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], perc
 # --------------------------------------------------------------------------------------------------
 # medpy / panoptica voxel-border definition (BraTS 2026)
 # --------------------------------------------------------------------------------------------------
-def voxel_border_distances(
-    gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
+def voxel_border_distances(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Distances of the border voxels of ``gt`` to the border of ``pred`` and vice versa (mm).
 
     Both masks must be non-empty. Border = ``mask XOR erode(mask, 6-neighbour)``.
@@ -358,7 +361,7 @@ def hd95_voxel(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> fl
 def nsd_from_distances(gt_to_pred: np.ndarray, pred_to_gt: np.ndarray, tolerance: float) -> float:
     """Normalised surface Dice as panoptica computes it from voxel-border distances.
 
-        NSD = (f_g + f_p) / 2,  f_g = |{d ∈ d(GT→P) : d ≤ τ}| / |d(GT→P)|  (f_p likewise)
+    NSD = (f_g + f_p) / 2,  f_g = |{d ∈ d(GT→P) : d ≤ τ}| / |d(GT→P)|  (f_p likewise)
     """
     frac_g = np.count_nonzero(gt_to_pred <= tolerance) / gt_to_pred.size
     frac_p = np.count_nonzero(pred_to_gt <= tolerance) / pred_to_gt.size

@@ -11,6 +11,7 @@ the torch import (~7 s) on the first brats2023 call. Every component is a multip
 vectors pad codes with fewer triangles), in MONAI's triangle order. ``tests/metrics/test_surfel_table.py``
 asserts it equals MONAI's table exactly.
 """
+
 from __future__ import annotations
 
 import functools

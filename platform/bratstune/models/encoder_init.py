@@ -23,6 +23,7 @@ model the file did not provide) tensors; nothing is dropped silently. MONAI
 ``blocks.<i>`` -> ``vit.*``, its final ``blocks.<L>`` LayerNorm -> ``vit.norm``; decoder,
 class and mask tokens reported as unexpected).
 """
+
 from __future__ import annotations
 
 import logging
@@ -129,7 +130,9 @@ class EncoderInitReport:
         }
 
 
-def encoder_init_overrides(choice: str, *, source: str = DEFAULT_MAE_SOURCE, freeze_encoder: bool = False) -> dict[str, Any]:
+def encoder_init_overrides(
+    choice: str, *, source: str = DEFAULT_MAE_SOURCE, freeze_encoder: bool = False
+) -> dict[str, Any]:
     """Train-config overrides for a search-space choice ``scratch`` | ``mae`` (+ frozen encoder).
 
     Returns:
@@ -155,8 +158,11 @@ def _find_weights(path: Path, source: str) -> Path:
     hits = sorted(p for p in path.rglob("*") if p.suffix in (".pt", ".pth") and p.is_file())
     if len(hits) == 1:
         return hits[0]
-    raise DataError(path, f"init.encoder_from {source!r}: no encoder.pt here"
-                          + (f" (several weight files: {[h.name for h in hits]})" if hits else ""))
+    raise DataError(
+        path,
+        f"init.encoder_from {source!r}: no encoder.pt here"
+        + (f" (several weight files: {[h.name for h in hits]})" if hits else ""),
+    )
 
 
 def resolve_encoder_source(source: str | Path) -> Path:
@@ -282,11 +288,12 @@ def load_encoder_weights(
     path = resolve_encoder_source(source)
     state, meta = read_encoder(path)
     if strip_prefix:
-        state = {(k[len(strip_prefix):] if k.startswith(strip_prefix) else k): v for k, v in state.items()}
+        state = {(k[len(strip_prefix) :] if k.startswith(strip_prefix) else k): v for k, v in state.items()}
     own = model.state_dict()
     prefixes = _encoder_prefixes(model)
     report = EncoderInitReport(
-        source=str(source), file=path,
+        source=str(source),
+        file=path,
         encoder_tensors=[k for k in own if any(k == p or k.startswith(p + ".") for p in prefixes)],
     )
     src_prefix = (meta or {}).get("prefix") or "vit."
@@ -294,7 +301,7 @@ def load_encoder_weights(
     for key, tensor in state.items():
         name = key
         if name not in own and len(prefixes) == 1 and key.startswith(src_prefix):
-            name = f"{prefixes[0]}.{key[len(src_prefix):]}"
+            name = f"{prefixes[0]}.{key[len(src_prefix) :]}"
         if name not in own:
             report.unexpected.append(key)
             continue
@@ -305,24 +312,37 @@ def load_encoder_weights(
             continue
         src_grid = tuple((meta or {}).get("grid") or ()) or _cube_grid(tensor.shape[1]) if tensor.ndim == 3 else None
         dst_grid = _model_grid(model, target.shape[1]) if target.ndim == 3 else None
-        if (interpolate and name.endswith("position_embeddings") and src_grid and dst_grid
-                and tensor.shape[0] == target.shape[0] and tensor.shape[-1] == target.shape[-1]
-                and math.prod(src_grid) == tensor.shape[1]):
+        if (
+            interpolate
+            and name.endswith("position_embeddings")
+            and src_grid
+            and dst_grid
+            and tensor.shape[0] == target.shape[0]
+            and tensor.shape[-1] == target.shape[-1]
+            and math.prod(src_grid) == tensor.shape[1]
+        ):
             matched[name] = interpolate_pos_embed(tensor, src_grid, dst_grid)
             report.interpolated.append((name, tuple(tensor.shape), tuple(target.shape)))
-            logger.warning("%s: position embeddings interpolated from grid %s to %s", name, list(src_grid), list(dst_grid))
+            logger.warning(
+                "%s: position embeddings interpolated from grid %s to %s", name, list(src_grid), list(dst_grid)
+            )
         else:
             report.mismatched.append((name, tuple(tensor.shape), tuple(target.shape)))
-            logger.warning("%s: shape %s in %s vs %s in the model; skipped", name, list(tensor.shape), path,
-                           list(target.shape))
+            logger.warning(
+                "%s: shape %s in %s vs %s in the model; skipped", name, list(tensor.shape), path, list(target.shape)
+            )
     skipped = {name for name, _, _ in report.mismatched}
     report.missing = [k for k in report.encoder_tensors if k not in matched and k not in skipped]
     if not matched:
-        raise DataError(path, "init.encoder_from: no tensor matches the model (check init.strip_prefix and the "
-                              f"architecture; file keys look like {list(state)[:3]})")
+        raise DataError(
+            path,
+            "init.encoder_from: no tensor matches the model (check init.strip_prefix and the "
+            f"architecture; file keys look like {list(state)[:3]})",
+        )
     if require_complete and not report.complete:
-        raise DataError(path, "init.encoder_from: encoder not fully initialised (init.require_complete):\n"
-                        + report.summary())
+        raise DataError(
+            path, "init.encoder_from: encoder not fully initialised (init.require_complete):\n" + report.summary()
+        )
     model.load_state_dict(matched, strict=False)
     logger.info(report.summary())
     return report

@@ -15,13 +15,16 @@ Options common to every architecture (a training loop can always pass them):
 Architecture-specific options are keyword arguments of the ``_build_*`` functions below; an
 unknown option raises ``ConfigError`` with the nearest valid name.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from monai.networks.nets import UNETR, AttentionUnet, DynUNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
 from bratstune.config_utils import suggest
@@ -48,8 +51,7 @@ def _check_divisible(patch: Triple, factor: int, arch: str, why: str) -> None:
     if bad:
         fixed = tuple(math.ceil(p / factor) * factor for p in patch)
         raise ConfigError(
-            f"{arch}: patch_size {list(patch)} must be divisible by {factor} ({why}); "
-            f"try patch_size {list(fixed)}"
+            f"{arch}: patch_size {list(patch)} must be divisible by {factor} ({why}); try patch_size {list(fixed)}"
         )
 
 
@@ -83,7 +85,6 @@ def _build_unet(
     can use the full-resolution target; see ``bratstune.training.losses.deep_supervision_loss``).
     In eval mode it returns the plain ``(B, C, X, Y, Z)`` output.
     """
-    from monai.networks.nets import DynUNet
 
     patch = to_triple(patch_size, "unet: patch_size")
     filt = _filters(filters, "unet: filters", minimum=3)
@@ -144,14 +145,17 @@ def _build_resunet(
     dropout: float = 0.0,
 ) -> nn.Module:
     """MONAI ``UNet`` with residual units (``num_res_units >= 1``), stride 2 per level."""
-    from monai.networks.nets import UNet
 
     del spacing  # isotropic strides; accepted so every architecture takes the same options
     filt = _filters(filters, "resunet: filters")
     if int(num_res_units) < 1:
         raise ConfigError(f"resunet: num_res_units must be >= 1 (residual U-Net), got {num_res_units!r}")
-    _check_divisible(to_triple(patch_size, "resunet: patch_size"), 2 ** (len(filt) - 1), "resunet",
-                     f"{len(filt) - 1} stride-2 levels")
+    _check_divisible(
+        to_triple(patch_size, "resunet: patch_size"),
+        2 ** (len(filt) - 1),
+        "resunet",
+        f"{len(filt) - 1} stride-2 levels",
+    )
     norm = _norm_name(norm, "resunet", ("instance", "batch"))
     return UNet(
         spatial_dims=3,
@@ -175,12 +179,15 @@ def _build_attention_unet(
     dropout: float = 0.0,
 ) -> nn.Module:
     """MONAI ``AttentionUnet`` (attention gates on the skips; batch norm), stride 2 per level."""
-    from monai.networks.nets import AttentionUnet
 
     del spacing
     filt = _filters(filters, "attention_unet: filters")
-    _check_divisible(to_triple(patch_size, "attention_unet: patch_size"), 2 ** (len(filt) - 1),
-                     "attention_unet", f"{len(filt) - 1} stride-2 levels")
+    _check_divisible(
+        to_triple(patch_size, "attention_unet: patch_size"),
+        2 ** (len(filt) - 1),
+        "attention_unet",
+        f"{len(filt) - 1} stride-2 levels",
+    )
     return AttentionUnet(
         spatial_dims=3,
         in_channels=in_channels,
@@ -210,7 +217,6 @@ def _build_unetr(
     ``patch_size`` is the ViT's ``img_size`` (fixed position embeddings): inference must use
     windows of exactly this size (sliding window with ``roi_size = patch_size``).
     """
-    from monai.networks.nets import UNETR
 
     del spacing
     patch = to_triple(patch_size, "unetr: patch_size")
@@ -254,11 +260,11 @@ def _build_swin_unetr(
     allowed, use 64³ or 96³ (32³ leaves a 1³ bottleneck: only with ``norm="batch"`` and
     batches of at least 2).
     """
-    from monai.networks.nets import SwinUNETR
 
     del spacing
-    _check_divisible(to_triple(patch_size, "swin_unetr: patch_size"), 32, "swin_unetr",
-                     "2³ patches and 4 merging stages")
+    _check_divisible(
+        to_triple(patch_size, "swin_unetr: patch_size"), 32, "swin_unetr", "2³ patches and 4 merging stages"
+    )
     norm = _norm_name(norm, "swin_unetr", ("instance", "batch"))
     if norm == "instance" and max(to_triple(patch_size, "swin_unetr: patch_size")) < 64:
         raise ConfigError(
@@ -296,17 +302,18 @@ def _build_segresnet(
     num_groups: int = 8,
 ) -> nn.Module:
     """MONAI ``SegResNet`` (Myronenko 2018, BraTS winner; group norm), stride 2 per level."""
-    from monai.networks.nets import SegResNet
 
     del spacing
     down = tuple(int(b) for b in blocks_down)
     up = tuple(int(b) for b in blocks_up)
     if len(up) != len(down) - 1:
-        raise ConfigError(
-            f"segresnet: blocks_up needs len(blocks_down) - 1 = {len(down) - 1} entries, got {list(up)}"
-        )
-    _check_divisible(to_triple(patch_size, "segresnet: patch_size"), 2 ** (len(down) - 1), "segresnet",
-                     f"{len(down) - 1} stride-2 levels")
+        raise ConfigError(f"segresnet: blocks_up needs len(blocks_down) - 1 = {len(down) - 1} entries, got {list(up)}")
+    _check_divisible(
+        to_triple(patch_size, "segresnet: patch_size"),
+        2 ** (len(down) - 1),
+        "segresnet",
+        f"{len(down) - 1} stride-2 levels",
+    )
     _check_groups((int(init_filters),), int(num_groups), "segresnet")
     return SegResNet(
         spatial_dims=3,
@@ -342,7 +349,9 @@ def _norm_name(norm: str, arch: str, options: tuple[str, ...]) -> str:
 def _check_groups(channels: Sequence[int], groups: int, arch: str) -> None:
     bad = [c for c in channels if c % groups]
     if bad:
-        raise ConfigError(f"{arch}: group norm with {groups} groups needs channel counts divisible by {groups}, got {bad}")
+        raise ConfigError(
+            f"{arch}: group norm with {groups} groups needs channel counts divisible by {groups}, got {bad}"
+        )
 
 
 def _as_triple(stride: Sequence[int] | int) -> Triple:
@@ -355,9 +364,7 @@ def architecture_options(name: str) -> dict[str, Any]:
     if builder is None:
         raise ConfigError(f"unknown architecture '{name}'{suggest(name, _BUILDERS)}; expected one of {list(_BUILDERS)}")
     sig = inspect.signature(builder)
-    return {
-        p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def build_model(name: str, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:

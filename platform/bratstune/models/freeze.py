@@ -16,10 +16,12 @@
 :func:`unfreeze` undoes both. The hook is a module-level function guarded by a flag on the
 module, so frozen models still ``copy.deepcopy`` and pickle (Ray, MLflow).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase

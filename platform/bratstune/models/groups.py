@@ -29,10 +29,15 @@ skip projections trained from scratch, so they belong to ``decoder``. For UNETR 
 ``decoder5``, the block that upsamples the ViT's last hidden state (the bottleneck) — UNETR
 has no separate bottleneck block.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
+from monai.networks.blocks import ResidualUnit
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import UNETR, AttentionUnet, DynUNet, SegResNet, SwinUNETR, UNet
+from monai.networks.nets.attentionunet import AttentionLayer
 from torch import nn
 
 from bratstune.config_utils import suggest
@@ -63,7 +68,6 @@ def architecture_of(model: nn.Module) -> str:
     name = getattr(inner, "bratstune_arch", None)
     if isinstance(name, str):
         return name
-    from monai.networks.nets import UNETR, AttentionUnet, DynUNet, SegResNet, SwinUNETR, UNet
 
     for cls, arch in (
         (DynUNet, "unet"),
@@ -93,8 +97,6 @@ def _dynunet(model: nn.Module) -> Groups:
 
 
 def _monai_unet(model: nn.Module) -> Groups:
-    from monai.networks.blocks import ResidualUnit
-    from monai.networks.layers.simplelayers import SkipConnection
 
     def is_level(block: nn.Module) -> bool:
         return isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection)
@@ -119,7 +121,6 @@ def _monai_unet(model: nn.Module) -> Groups:
 
 
 def _attention_unet(model: nn.Module) -> Groups:
-    from monai.networks.nets.attentionunet import AttentionLayer
 
     groups: Groups = {"encoder": ["model.0"], "middle": [], "decoder": [], "head": ["model.2"]}
     prefix, layer = "model.1", model.model[1]
@@ -148,8 +149,17 @@ def _swin_unetr(model: nn.Module) -> Groups:
     return {
         "encoder": ["swinViT"],
         "middle": ["encoder10"],
-        "decoder": ["encoder1", "encoder2", "encoder3", "encoder4",
-                    "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"],
+        "decoder": [
+            "encoder1",
+            "encoder2",
+            "encoder3",
+            "encoder4",
+            "decoder5",
+            "decoder4",
+            "decoder3",
+            "decoder2",
+            "decoder1",
+        ],
         "head": ["out"],
     }
 

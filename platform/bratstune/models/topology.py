@@ -1,7 +1,9 @@
 """nnU-Net-style U-Net topology (kernel sizes and strides) from patch size and voxel spacing."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from bratstune.config_utils import to_triple
 from bratstune.errors import ConfigError
@@ -22,7 +24,6 @@ def to_spacing(value: Any) -> tuple[float, float, float]:
     if len(out) != 3 or any(not v > 0 for v in out):
         raise ConfigError(f"spacing: expected three positive numbers (mm), got {value!r}")
     return out  # type: ignore[return-value]
-
 
 
 def nnunet_topology(
@@ -58,9 +59,7 @@ def nnunet_topology(
     while max_levels is None or len(strides) < max_levels:
         finest = min(spacings)
         ratios = [s / finest for s in spacings]
-        stride = tuple(
-            2 if r <= 2 and size % 2 == 0 and size / 2 >= min_size else 1 for r, size in zip(ratios, sizes)
-        )
+        stride = tuple(2 if r <= 2 and size % 2 == 0 and size / 2 >= min_size else 1 for r, size in zip(ratios, sizes))
         if all(s == 1 for s in stride):
             break
         kernels.append(tuple(3 if r <= 2 else 1 for r in ratios))  # type: ignore[arg-type]

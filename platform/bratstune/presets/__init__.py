@@ -6,6 +6,7 @@ One preset per architecture (``unet``, ``resunet``, ``attention_unet``, ``unetr`
 :class:`bratstune.training.config.TrainConfig` mapping; its first comment line describes it.
 Nothing is read at import time.
 """
+
 from __future__ import annotations
 
 from importlib import resources

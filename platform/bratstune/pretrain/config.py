@@ -20,6 +20,7 @@ Learning-rate scaling with the number of workers: the effective (global) batch i
 worker's ``batch_size``) and the rate used is ``lr * scale`` with ``scale = B_eff / B_ref``
 (``linear``), ``sqrt(B_eff / B_ref)`` (``sqrt``) or 1 (``none``).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,17 @@ class MaeModelConfig:
                 f"model.mask_ratio {self.mask_ratio} leaves no visible token of {self.num_tokens}; "
                 "lower it or use a larger img_size"
             )
-        for name in ("hidden_size", "mlp_dim", "num_layers", "num_heads", "decoder_hidden_size",
-                     "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads", "in_channels"):
+        for name in (
+            "hidden_size",
+            "mlp_dim",
+            "num_layers",
+            "num_heads",
+            "decoder_hidden_size",
+            "decoder_mlp_dim",
+            "decoder_num_layers",
+            "decoder_num_heads",
+            "in_channels",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:

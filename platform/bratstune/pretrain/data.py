@@ -9,6 +9,7 @@
   ``rank`` depends only on ``(seed, rank, epoch, step)``: workers see different crops, and a
   resumed run continues the stream exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,12 +61,15 @@ def collect_cases(folders: Iterable[str | Path]) -> list[Any]:
             cases[case.case_id] = case
         logger.info("%s: %d case(s) (%s)", folder, len(cohort.cases), cohort.convention)
     if not cases:
-        raise DataError(folders[0] if len(folders) == 1 else None,
-                        f"no complete case found in {[str(f) for f in folders]}")
+        raise DataError(
+            folders[0] if len(folders) == 1 else None, f"no complete case found in {[str(f) for f in folders]}"
+        )
     return [cases[k] for k in sorted(cases)]
 
 
-def prepare_volumes(cases: Sequence[Any], preprocess: Any, *, cache_root: Path | None = None, workers: int = 1) -> list[Any]:
+def prepare_volumes(
+    cases: Sequence[Any], preprocess: Any, *, cache_root: Path | None = None, workers: int = 1
+) -> list[Any]:
     """Preprocess ``cases`` into the cache (crop to brain, z-score ...); returns ``PreprocessedCase`` s."""
 
     return CaseCache(cache_root).prepare(list(cases), preprocess_config(preprocess), workers=workers)
@@ -79,7 +83,9 @@ def load_images(cases: Sequence[Any], preprocess: Any, *, cache_root: Path | Non
     return [cache.load(case, config).image for case in cases]
 
 
-def random_crop(image: np.ndarray, crop: Sequence[int], rng: np.random.Generator, *, flip_prob: float = 0.0) -> np.ndarray:
+def random_crop(
+    image: np.ndarray, crop: Sequence[int], rng: np.random.Generator, *, flip_prob: float = 0.0
+) -> np.ndarray:
     """A ``(C, *crop)`` float32 crop at a uniformly random position, zero-padded (centred) where
     the image is smaller, each spatial axis flipped with probability ``flip_prob``."""
     starts, pads = [], []
@@ -111,8 +117,9 @@ class CropSampler:
         flip_prob: per-axis flip probability.
     """
 
-    def __init__(self, images: Sequence[np.ndarray], crop: Sequence[int], *, seed: int, rank: int,
-                 flip_prob: float = 0.5) -> None:
+    def __init__(
+        self, images: Sequence[np.ndarray], crop: Sequence[int], *, seed: int, rank: int, flip_prob: float = 0.5
+    ) -> None:
         if not images:
             raise DataError(None, "no volume to sample crops from")
         self.images = list(images)

@@ -12,6 +12,7 @@
   reconstruction (visible patches from the input, masked ones predicted; de-normalised with the
   target patch's mean/std when the loss used normalised targets).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,12 +71,19 @@ def _pyfunc_model() -> Any:
             payload = torch.load(context.artifacts["encoder"], map_location="cpu", weights_only=True)
             meta = payload["meta"]
             self.vit = ViT(
-                in_channels=meta["in_channels"], img_size=meta["img_size"], patch_size=meta["patch_size"],
-                hidden_size=meta["hidden_size"], mlp_dim=meta["mlp_dim"], num_layers=meta["num_layers"],
-                num_heads=meta["num_heads"], proj_type="conv", pos_embed_type="learnable", classification=False,
+                in_channels=meta["in_channels"],
+                img_size=meta["img_size"],
+                patch_size=meta["patch_size"],
+                hidden_size=meta["hidden_size"],
+                mlp_dim=meta["mlp_dim"],
+                num_layers=meta["num_layers"],
+                num_heads=meta["num_heads"],
+                proj_type="conv",
+                pos_embed_type="learnable",
+                classification=False,
             )
             prefix = meta["prefix"]
-            self.vit.load_state_dict({k[len(prefix):]: v for k, v in payload["state_dict"].items()})
+            self.vit.load_state_dict({k[len(prefix) :]: v for k, v in payload["state_dict"].items()})
             self.vit.eval()
 
         def predict(self, context, model_input, params=None):
@@ -121,8 +129,9 @@ def register_encoder(
         client.set_model_version_tag(name, version, key, str(value))
     if alias and alias.lower() != "latest":
         client.set_registered_model_alias(name, alias, version)
-    logger.info("registered %s version %s (models:/%s@latest)%s", name, version, name,
-                f", alias {alias}" if alias else "")
+    logger.info(
+        "registered %s version %s (models:/%s@latest)%s", name, version, name, f", alias {alias}" if alias else ""
+    )
     return version, f"models:/{name}/{version}"
 
 
@@ -169,7 +178,6 @@ def reconstruction_figure(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-
     cfg = model.config
     x = torch.from_numpy(_fit_to(image, cfg.img_size))[None]
     noise = random_noise(np.random.default_rng(seed), 1, cfg.num_tokens)
@@ -195,7 +203,11 @@ def reconstruction_figure(
         cmap.set_bad("tab:blue")
         name = MODALITIES[c] if c < len(MODALITIES) else f"channel {c}"
         for col, (img, label) in enumerate(
-            ((inp[c, :, :, z], "input"), (masked, f"masked ({cfg.mask_ratio:.0%} hidden)"), (recon[c, :, :, z], "reconstruction"))
+            (
+                (inp[c, :, :, z], "input"),
+                (masked, f"masked ({cfg.mask_ratio:.0%} hidden)"),
+                (recon[c, :, :, z], "reconstruction"),
+            )
         ):
             ax = axes[r][col]
             ax.imshow(np.ma.asarray(img).T, cmap=cmap, vmin=lo, vmax=hi, origin="lower", interpolation="nearest")

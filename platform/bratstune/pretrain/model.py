@@ -19,6 +19,7 @@ Shapes: images ``(B, C, X, Y, Z)``; tokens ``(B, N, D)`` with ``N = prod(img_siz
 ordered like the conv patch embedding's ``flatten`` (x slowest, z fastest); patches
 ``(B, N, px * py * pz * C)`` (:func:`patchify`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -173,7 +174,9 @@ def normalise_patches(target: torch.Tensor, eps: float = 1.0e-6) -> tuple[torch.
     return (target - mean) / std, mean, std
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, norm_pix_loss: bool = True) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, norm_pix_loss: bool = True
+) -> torch.Tensor:
     """Mean squared error over the masked patches.
 
     Args:
@@ -186,8 +189,10 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, no
         :math:`\\sum_{b,n} m_{bn} \\overline{(p_{bn} - t_{bn})^2} / \\sum m_{bn}`.
     """
     if pred.shape != target.shape or mask.shape != pred.shape[:2]:
-        raise ValueError(f"expected pred/target (B, N, P) and mask (B, N), got {tuple(pred.shape)}, "
-                         f"{tuple(target.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected pred/target (B, N, P) and mask (B, N), got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)}, {tuple(mask.shape)}"
+        )
     if norm_pix_loss:
         target = normalise_patches(target)[0]
     per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)

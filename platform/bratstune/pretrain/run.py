@@ -29,6 +29,7 @@ with ``param_digest_dir`` each worker also writes ``rank<r>-step<s>.json`` (para
 batch digests) after every step, so a test can see both workers trained on different data
 and stayed identical.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,7 +102,6 @@ def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
     # Deferred: MLflow takes about a second to import and only this path talks to it.
     import mlflow  # noqa: PLC0415
 
-
     marker = run_dir / DRIVER_DIR / RUN_ID_FILE
     if marker.is_file():
         run_id = marker.read_text().strip()
@@ -111,7 +111,6 @@ def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
         except Exception:  # noqa: BLE001 - a different tracking store: start a new run
             logger.warning("MLflow run %s of %s not found in this store; starting a new run", run_id, run_dir)
     if experiment_id is None:
-
         experiment_id = setup_mlflow("bratstune-pretrain")
     run = mlflow.tracking.MlflowClient().create_run(
         experiment_id, run_name=name, tags=run_tags(extra={"job": "pretrain_mae"})
@@ -129,7 +128,9 @@ def _log_history(run_id: str, history: Sequence[Mapping[str, float]]) -> None:
     now = int(time.time() * 1000)
     metrics = [
         Metric(key, float(value), now, int(row["epoch"]))
-        for row in history for key, value in row.items() if key != "epoch" and math.isfinite(float(value))
+        for row in history
+        for key, value in row.items()
+        if key != "epoch" and math.isfinite(float(value))
     ]
     client = mlflow.tracking.MlflowClient()
     for start in range(0, len(metrics), 1000):
@@ -169,10 +170,8 @@ def run_mae(
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
 
-
     config = load_pretrain_config(config)
     if int(workers) < 1:
-
         raise ConfigError(f"workers: expected an integer >= 1, got {workers!r}")
     name = name or time.strftime("mae-%Y%m%d-%H%M%S")
     storage = Path(storage_path) if storage_path is not None else paths.results_dir() / "pretrain"
@@ -199,10 +198,10 @@ def run_mae(
     if track:
         import mlflow  # noqa: PLC0415
 
-
         run_id = _run_id_for(run_dir, experiment_id, name)
-        mlflow.tracking.MlflowClient().set_tag(run_id, "data_fingerprint",
-                                               data_fingerprint([c.case_id for c in cases], config.data.preprocess))
+        mlflow.tracking.MlflowClient().set_tag(
+            run_id, "data_fingerprint", data_fingerprint([c.case_id for c in cases], config.data.preprocess)
+        )
         if not mlflow.tracking.MlflowClient().get_run(run_id).data.params:
             log_config(config.to_dict(), run_id=run_id, artifact_file="pretrain_config.yaml")
             client = mlflow.tracking.MlflowClient()
@@ -237,8 +236,16 @@ def run_mae(
     model = MaskedAutoencoder3D(config.model)
     model.load_state_dict(payload["model"])
     return _finish(
-        model, payload, config=config, name=name, run_dir=run_dir, run_id=run_id, scaling=scaling,
-        image=np.asarray(prepared[0].image), register_as=register_as, alias=alias,
+        model,
+        payload,
+        config=config,
+        name=name,
+        run_dir=run_dir,
+        run_id=run_id,
+        scaling=scaling,
+        image=np.asarray(prepared[0].image),
+        register_as=register_as,
+        alias=alias,
         checkpoint_path=result.checkpoint.path,
     )
 
@@ -262,15 +269,13 @@ def _finish(
     history = [dict(row) for row in payload["history"]]
     starts = [int(s) for s in payload["starts"]]
     export = run_dir / DRIVER_DIR / "export"
-    encoder_path = save_encoder(model, export, run_name=name, epochs=int(payload["epoch"]),
-                                mlflow_run_id=run_id or "")
+    encoder_path = save_encoder(model, export, run_name=name, epochs=int(payload["epoch"]), mlflow_run_id=run_id or "")
     png = export / "reconstruction.png"
     recon = reconstruction_figure(model, image, png, seed=config.seed, title=f"{name}: ")
     version = uri = None
     if run_id is not None:
         # Deferred: MLflow takes about a second to import and only this path talks to it.
         import mlflow  # noqa: PLC0415
-
 
         _log_history(run_id, history)
         with start_run(run_id=run_id):
@@ -282,14 +287,30 @@ def _finish(
             client.log_artifacts(run_id, str(export), "encoder")
             if register_as:
                 version, uri = register_encoder(
-                    export, run_id=run_id, name=register_as, alias=alias,
-                    tags={"workers": scaling["workers"], "effective_batch_size": scaling["effective_batch_size"],
-                          "img_size": "x".join(map(str, config.model.img_size))},
+                    export,
+                    run_id=run_id,
+                    name=register_as,
+                    alias=alias,
+                    tags={
+                        "workers": scaling["workers"],
+                        "effective_batch_size": scaling["effective_batch_size"],
+                        "img_size": "x".join(map(str, config.model.img_size)),
+                    },
                 )
     return PretrainResult(
-        name=name, run_dir=run_dir, history=history, starts=starts, encoder_path=encoder_path,
-        reconstruction_png=png, run_id=run_id, model_version=version, model_uri=uri,
-        workers=int(scaling["workers"]), effective_batch_size=int(scaling["effective_batch_size"]),
-        lr_scale=float(scaling["lr_scale"]), lr=float(scaling["lr_effective"]),
-        checkpoint_path=checkpoint_path, recon_metrics=recon,
+        name=name,
+        run_dir=run_dir,
+        history=history,
+        starts=starts,
+        encoder_path=encoder_path,
+        reconstruction_png=png,
+        run_id=run_id,
+        model_version=version,
+        model_uri=uri,
+        workers=int(scaling["workers"]),
+        effective_batch_size=int(scaling["effective_batch_size"]),
+        lr_scale=float(scaling["lr_scale"]),
+        lr=float(scaling["lr_effective"]),
+        checkpoint_path=checkpoint_path,
+        recon_metrics=recon,
     )

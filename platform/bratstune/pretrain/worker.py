@@ -104,7 +104,6 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     import ray.train  # noqa: PLC0415
     import ray.train.torch  # noqa: PLC0415
 
-
     config = load_pretrain_config(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -155,7 +154,9 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 pred, mask = model(batch, noise.to(device))
-            loss = mae_loss(pred, patchify(batch, config.model.patch_size), mask, norm_pix_loss=config.model.norm_pix_loss)
+            loss = mae_loss(
+                pred, patchify(batch, config.model.patch_size), mask, norm_pix_loss=config.model.norm_pix_loss
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -172,23 +173,39 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             "train/loss": _all_reduce_mean(float(np.mean(losses)), device),
             "train/lr": float(optimizer.param_groups[0]["lr"]),
             "time/epoch_s": elapsed,
-            "throughput/samples_per_s": config.effective_batch_size(world) * config.steps_per_epoch / max(elapsed, 1e-9),
+            "throughput/samples_per_s": config.effective_batch_size(world)
+            * config.steps_per_epoch
+            / max(elapsed, 1e-9),
             "ddp/params_in_sync": _params_in_sync(model, device),
             "ddp/world_size": float(world),
         }
         state["epoch"] = epoch
         state["history"] = list(state["history"]) + [metrics]
         if rank == 0:
-            logger.info("epoch %d/%d: loss %.4f, lr %.3g, %.1f s, %.2f samples/s", epoch, config.epochs,
-                        metrics["train/loss"], metrics["train/lr"], elapsed, metrics["throughput/samples_per_s"])
+            logger.info(
+                "epoch %d/%d: loss %.4f, lr %.3g, %.1f s, %.2f samples/s",
+                epoch,
+                config.epochs,
+                metrics["train/loss"],
+                metrics["train/lr"],
+                elapsed,
+                metrics["throughput/samples_per_s"],
+            )
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             if rank == 0:
                 folder = Path(tempfile.mkdtemp(prefix="bratstune-mae-ckpt-"))
                 inner = model.module if hasattr(model, "module") else model
-                _save_checkpoint(folder, {
-                    "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "config": config.to_dict(), **state,
-                }, metrics)
+                _save_checkpoint(
+                    folder,
+                    {
+                        "model": inner.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "config": config.to_dict(),
+                        **state,
+                    },
+                    metrics,
+                )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
                 shutil.rmtree(folder, ignore_errors=True)
             else:

@@ -17,7 +17,7 @@ import time
 import mlflow
 from mlflow.entities import Metric
 
-from bratstune.training.fit import EpochReport
+from bratstune.training.report import EpochReport
 
 __all__ = ["MlflowReporter"]
 

@@ -26,16 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from bratstune.device import select_trial_device
 from bratstune.search.callback import STOP_TAG, TRIAL_TAG, find_trial_run
 from bratstune.search.data import DataHandle
 from bratstune.search.params import apply_values
 from bratstune.search.reporter import MlflowReporter
+from bratstune.tracking.artifacts import localise_config
 from bratstune.tracking.runs import log_config, run_tags
 from bratstune.training.config import TrainConfig, load_train_config
-from bratstune.training.fit import EpochReport, fit
+from bratstune.training.fit import fit
+from bratstune.training.report import EpochReport
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,19 @@ def _tune_reporter(metric: str, mlflow_reporter: MlflowReporter) -> Callable[[Ep
     return report
 
 
+def _at_the_edge(config: TrainConfig, workdir: Path, tracking_uri: str) -> TrainConfig:
+    """What ``fit`` must not decide itself: local copies of MLflow sources, the trial's own device.
+
+    ``init.encoder_from: models:/...`` is downloaded into the trial's folder (training never talks
+    to MLflow). The device follows the GPU share the trial asked Ray for, not what the process
+    happens to see: Ray 2.60 leaves GPUs visible to trials that asked for none.
+    """
+    local, _ = localise_config(config.to_dict(), dst=workdir / "init", tracking_uri=tracking_uri)
+    gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    device = select_trial_device(config.device, gpus=gpus)
+    return replace(load_train_config(local), device=device.type)
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: train one sampled config, report every epoch.
 
@@ -128,6 +145,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if checkpoint is not None:
         resume_dir = Path(checkpoint.to_directory(str(workdir / "resume")))
         logger.info("trial %s resumes from %s", trial_id, resume_dir)
+    train_config = _at_the_edge(train_config, workdir, ctx.tracking_uri)
     reporter = _tune_reporter(ctx.metric, MlflowReporter(run_id=run_id, artifact_path="best_model"))
     train = ctx.fit_fn or fit
     data = ctx.data.load()

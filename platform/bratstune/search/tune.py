@@ -43,7 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 from bratstune import paths
 from bratstune.errors import ConfigError
 from bratstune.search.callback import TrialRunCallback
-from bratstune.search.data import DataHandle, prepare_data, synthetic_cohort
+from bratstune.search.data import DataHandle, prepare_data
 from bratstune.search.parent_run import find_parent_run, start_parent_run, write_meta
 from bratstune.search.results import SearchOutcome, finish_parent_run
 from bratstune.search.sections import make_sampler
@@ -59,7 +59,6 @@ __all__ = [
     "find_experiment",
     "run_search",
     # Re-exported for bratstune.demo, which imports it from here (its home is bratstune.search.data).
-    "synthetic_cohort",
 ]
 
 

@@ -1,6 +1,7 @@
 """MLflow set-up and logging helpers shared by every job.
 
-* :func:`tracking_uri`: ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store
+* :func:`tracking_uri`: ``$MLFLOW_TRACKING_URI``, else the server ``bratstune up`` started
+  (:func:`bratstune.paths.endpoints`), else the embedded SQLite store
   ``sqlite:///<abs BRATSTUNE_HOME>/mlflow.db`` (``./.bratstune/mlflow.db``).
 * :func:`setup_mlflow`: creates the store's schema **once, in the driver** (a brand-new SQLite
   database created by several processes at once breaks), then gets or creates the experiment
@@ -62,10 +63,13 @@ PARAM_VALUE_LIMIT = 6000
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs home>/mlflow.db``."""
+    """``$MLFLOW_TRACKING_URI`` if set, else the server ``bratstune up`` runs, else ``sqlite:///<abs home>/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    served = paths.endpoints().get("MLFLOW_TRACKING_URI")
+    if served:
+        return served
     return f"sqlite:///{paths.home() / DB_FILE}"
 
 

@@ -74,10 +74,6 @@ from bratstune.training.validate import validate
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EpochReport",
-    "FitResult",
-    "TrainData",
-    "TrainingDiverged",
     "build_network",
     "compute_loss",
     "fit",

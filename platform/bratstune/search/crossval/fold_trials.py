@@ -30,7 +30,8 @@ from bratstune.search.callback import TrialRunCallback, find_trial_run
 from bratstune.search.crossval.oof import write_oof
 from bratstune.search.data import DataHandle
 from bratstune.search.trial import TrialContext, run_trial
-from bratstune.training.fit import FitResult, fit
+from bratstune.training.fit import fit
+from bratstune.training.report import FitResult
 
 logger = logging.getLogger(__name__)
 

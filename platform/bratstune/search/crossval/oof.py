@@ -22,7 +22,8 @@ import numpy as np
 from bratstune.errors import DataError
 from bratstune.search.threshold_job import cache_probabilities
 from bratstune.search.thresholds import CachedCase
-from bratstune.training.fit import FitResult, inference_settings
+from bratstune.training.fit import inference_settings
+from bratstune.training.report import FitResult
 
 logger = logging.getLogger(__name__)
 
