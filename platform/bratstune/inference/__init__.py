@@ -9,38 +9,8 @@
 * :mod:`~bratstune.inference.decode`: :class:`DecodeSettings` (per-region thresholds + post-processing);
 * :mod:`~bratstune.inference.postprocess`: dust removal and hole filling.
 
-The names below load on first use, so ``bratstune.inference.decode`` and ``.postprocess`` stay
-importable without torch and MONAI.
+Importing this package imports nothing: ``decode`` and ``postprocess`` need no torch, so
+``bratstune evaluate`` does not pay for it. Import the module you need.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_HOMES = {
-    "DecodeSettings": "decode",
-    "InferenceConfig": "sliding_window",
-    "PostprocessConfig": "postprocess",
-    "View": "views",
-    "classes_to_labels": "outputs",
-    "decode_prediction": "outputs",
-    "ensemble_probabilities": "sliding_window",
-    "label_values": "outputs",
-    "labels_to_classes": "outputs",
-    "main_output": "outputs",
-    "output_heads": "outputs",
-    "postprocess": "postprocess",
-    "predict_probabilities": "sliding_window",
-    "probabilities_on_grid": "sliding_window",
-    "tta_views": "views",
-}
-
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+__all__ = ["decode", "outputs", "postprocess", "sliding_window", "views"]

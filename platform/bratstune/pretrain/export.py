@@ -21,9 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 import monai
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 from monai.networks.nets.vit import ViT
 
 from bratstune.data.case import MODALITIES
@@ -62,8 +65,6 @@ def save_encoder(model: MaskedAutoencoder3D, folder: Path, **extra_meta: Any) ->
 
 def _pyfunc_model() -> Any:
     """A self-contained pyfunc (needs torch + monai only, not bratstune) around ``encoder.pt``."""
-    # Deferred: MLflow takes about a second to import and only this path talks to it.
-    import mlflow.pyfunc  # noqa: PLC0415
 
     class MaeEncoderModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context):  # noqa: D401 - MLflow hook
@@ -108,9 +109,6 @@ def register_encoder(
     Returns:
         ``(version, "models:/NAME/VERSION")``.
     """
-    # Deferred: MLflow takes about a second to import and only this path talks to it.
-    import mlflow  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     folder = Path(folder)
     active = mlflow.active_run()

@@ -40,8 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import ray.train
 import torch
+from mlflow.entities import Metric
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from bratstune import paths
 from bratstune.data.fingerprint import data_fingerprint
@@ -99,8 +103,6 @@ class PretrainResult:
 
 def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
     """The MLflow run of this Ray Train run: reopened when the run folder remembers one."""
-    # Deferred: MLflow takes about a second to import and only this path talks to it.
-    import mlflow  # noqa: PLC0415
 
     marker = run_dir / DRIVER_DIR / RUN_ID_FILE
     if marker.is_file():
@@ -121,9 +123,6 @@ def _run_id_for(run_dir: Path, experiment_id: str | None, name: str) -> str:
 
 
 def _log_history(run_id: str, history: Sequence[Mapping[str, float]]) -> None:
-    # Deferred: MLflow takes about a second to import and only this path talks to it.
-    import mlflow  # noqa: PLC0415
-    from mlflow.entities import Metric  # noqa: PLC0415
 
     now = int(time.time() * 1000)
     metrics = [
@@ -166,9 +165,6 @@ def run_mae(
         ConfigError: bad configuration.
         ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
     """
-    # Deferred: Ray is needed only on this path (and takes seconds to import).
-    import ray.train  # noqa: PLC0415
-    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
 
     config = load_pretrain_config(config)
     if int(workers) < 1:
@@ -196,8 +192,6 @@ def run_mae(
 
     run_id = None
     if track:
-        import mlflow  # noqa: PLC0415
-
         run_id = _run_id_for(run_dir, experiment_id, name)
         mlflow.tracking.MlflowClient().set_tag(
             run_id, "data_fingerprint", data_fingerprint([c.case_id for c in cases], config.data.preprocess)
@@ -274,9 +268,6 @@ def _finish(
     recon = reconstruction_figure(model, image, png, seed=config.seed, title=f"{name}: ")
     version = uri = None
     if run_id is not None:
-        # Deferred: MLflow takes about a second to import and only this path talks to it.
-        import mlflow  # noqa: PLC0415
-
         _log_history(run_id, history)
         with start_run(run_id=run_id):
             client = mlflow.tracking.MlflowClient()

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -100,9 +102,6 @@ def _save_checkpoint(folder: Path, payload: Mapping[str, Any], metrics: Mapping[
 
 def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
     """Ray Train worker function (see the module docstring); ``loop_config`` from :func:`run_mae`."""
-    # Deferred: Ray is needed only on this path (and takes seconds to import).
-    import ray.train  # noqa: PLC0415
-    import ray.train.torch  # noqa: PLC0415
 
     config = load_pretrain_config(loop_config["config"])
     context = ray.train.get_context()

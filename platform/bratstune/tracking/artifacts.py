@@ -13,7 +13,8 @@ forms, resolved here and nowhere else::
 Downloads go to ``dst`` when given; otherwise to a fresh temporary folder that the caller owns
 (:class:`ResolvedArtifact.temporary` says so, and :meth:`ResolvedArtifact.cleanup` removes it).
 ``models:/`` URIs are resolved against the tracking store given (or the configured one), never
-against a registry URI that an earlier ``mlflow.set_registry_uri`` in this process left behind.
+against a registry URI that an earlier ``mlflow.set_registry_uri`` in this process left behind,
+and the process's MLflow settings are left as they were.
 """
 
 from __future__ import annotations
@@ -133,9 +134,11 @@ def resolve_artifact(
         temporary = Path(tempfile.mkdtemp(prefix=f"bratstune-{what}-"))
         dst = temporary
     Path(dst).mkdir(parents=True, exist_ok=True)
+    if version is not None:
+        # The version's own artifact location: no global registry URI is read or changed.
+        client = MlflowClient(tracking_uri=store, registry_uri=store)
+        uri = client.get_model_version_download_uri(version[0], version[1])
     try:
-        # models:/ URIs resolve through the global registry URI; pin it to the store in use.
-        mlflow.set_registry_uri(store)
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store)
     except Exception as exc:  # MLflow raises several unrelated types for an unknown URI
         if temporary is not None:
