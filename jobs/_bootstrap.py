@@ -13,7 +13,8 @@ anything that imports ``ray``. Then, in a job::
         with _bootstrap.session(experiment="bratstune-search", address=args.address, num_cpus=args.num_cpus) as s:
             outcome = run_search(spec, data, experiment_id=s.experiment_id)
 
-:func:`session` joins the cluster at ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray (only
+:func:`session` joins the cluster at ``--address`` / ``$RAY_ADDRESS`` / the head ``bratstune up``
+started, or starts a local Ray (only
 then with resource options such as ``num_cpus``: Ray refuses them when joining a cluster), ships
 this checkout's ``bratstune`` to the workers (:func:`runtime_env`), sets up MLflow in the driver
 (schema once, absolute artifact location) and shuts Ray down when the job ends.
@@ -42,6 +43,7 @@ if PACKAGE.is_dir() and str(PLATFORM) not in sys.path:
     sys.path.insert(0, str(PLATFORM))
 
 # Importable only now that platform/ is on sys.path.
+from bratstune import paths  # noqa: E402
 from bratstune.errors import BratstuneError  # noqa: E402
 from bratstune.tracking import runs as tracking  # noqa: E402
 
@@ -83,6 +85,8 @@ def session(
         **local: ``ray.init`` options used only when starting a local Ray (``num_cpus``,
             ``_temp_dir``, ``log_to_driver`` ...); ``None`` values are left out.
     """
+    # `bratstune up`'s Ray head and MLflow server, where no address is set explicitly.
+    paths.use_endpoints()
     started = False
     if ray:
         # Deferred: importing Ray takes seconds, which jobs without Ray and --help should not pay.

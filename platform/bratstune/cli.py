@@ -25,6 +25,9 @@ COMMANDS: dict[str, str] = {
     "promote": "package trained models as an ensemble, register it in MLflow, promote it to champion if it wins",
     "predict": "predict a cohort (or watch an inbox) with a registered ensemble: NIfTI + table + QC report",
     "models": "list registered models: names, versions, aliases (champion, previous) and metrics",
+    "up": "start a local Ray head and MLflow server on 127.0.0.1; jobs and commands use them",
+    "down": "stop the Ray head and MLflow server that `bratstune up` started (by PID)",
+    "status": "show what `bratstune up` started, where it listens and whether it answers",
 }
 
 

@@ -12,6 +12,7 @@ reused; every run and model lands in MLflow under `.bratstune/`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ def run_demo(
     config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = None, search_space: Path | None = None
 ) -> int:
     """Run every step of the demo; returns a process exit code."""
+    # Before Ray is imported: keep every Ray process on 127.0.0.1 (see STACK-NOTES).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Deferred: Ray is needed only on this path (and takes seconds to import).
     import ray  # noqa: PLC0415
 

@@ -2,11 +2,15 @@
 
 `BRATSTUNE_HOME` (default `./.bratstune`) holds the MLflow SQLite store, its artifacts,
 the preprocessing cache and Ray Tune results; `BRATSTUNE_CACHE` and `BRATSTUNE_DATA`
-override the cache and the data folder on their own.
+override the cache and the data folder on their own. `endpoints()` reads the addresses that
+`bratstune up` recorded (`<home>/endpoints.json`) for the services it started.
 """
+
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 
@@ -30,3 +34,76 @@ def data_dir() -> Path:
 def results_dir() -> Path:
     """Default Ray Tune `storage_path` and job outputs."""
     return home() / "results"
+
+
+# -- endpoints of `bratstune up` (a local Ray head and MLflow server) --------------------------------
+
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def endpoints_file() -> Path:
+    """Where ``bratstune up`` records the addresses and PIDs of what it started."""
+    return home() / ENDPOINTS_FILE
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def endpoints() -> dict[str, str]:
+    """Addresses of the services ``bratstune up`` started, while they run; ``{}`` otherwise.
+
+    Reads ``<home>/endpoints.json`` (plain JSON, no Ray or MLflow import). A service counts only
+    while the process it was started as is alive, so a file left behind by a reboot is ignored; a
+    shared MLflow server that ``up`` was pointed at (``external``) counts while the Ray head runs.
+
+    Returns:
+        ``{"MLFLOW_TRACKING_URI": "http://127.0.0.1:PORT", "RAY_ADDRESS": "127.0.0.1:PORT"}``, each
+        key present only when its service runs. The keys are the environment variables they stand for.
+    """
+    try:
+        recorded = json.loads(endpoints_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    ray = recorded.get("ray") if isinstance(recorded.get("ray"), dict) else {}
+    found: dict[str, str] = {}
+    for name, key, variable in (("mlflow", "tracking_uri", "MLFLOW_TRACKING_URI"), ("ray", "address", "RAY_ADDRESS")):
+        service = recorded.get(name)
+        if not isinstance(service, dict) or not isinstance(service.get(key), str):
+            continue
+        # a shared MLflow server that `up` did not start counts while the head it serves runs
+        if _alive(service.get("pid")) or (service.get("external") and _alive(ray.get("pid"))):
+            found[variable] = service[key]
+    return found
+
+
+def use_endpoints(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Point this process at ``bratstune up``'s services where no address is set explicitly.
+
+    For job drivers, before ``ray.init`` and MLflow set-up: sets ``RAY_ADDRESS`` and
+    ``MLFLOW_TRACKING_URI`` only where they are unset (an explicit ``--address`` passed to
+    ``ray.init`` still wins), and ``RAY_AUTH_MODE=disabled`` with ``RAY_ADDRESS`` (the head runs
+    without token auth). Worker processes inherit the variables.
+
+    Args:
+        environ: the environment to update (default ``os.environ``).
+
+    Returns:
+        The variables that were set (empty when nothing runs or everything was set already).
+    """
+    env = os.environ if environ is None else environ
+    applied = {k: v for k, v in endpoints().items() if not env.get(k)}
+    if "RAY_ADDRESS" in applied and not env.get("RAY_AUTH_MODE"):
+        applied["RAY_AUTH_MODE"] = "disabled"
+    env.update(applied)
+    return applied

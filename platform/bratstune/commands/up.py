@@ -1,4 +1,7 @@
-"""``bratstune up``: start a local Ray head and MLflow server on 127.0.0.1 and record their addresses."""
+"""``bratstune up``: start a local Ray head and MLflow server on 127.0.0.1 and record their addresses.
+
+With ``$MLFLOW_TRACKING_URI`` set, that (shared) server is used and no MLflow server is started.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
     )
     record = up(options)
     mlflow, ray = record["mlflow"], record["ray"]
-    print(f"mlflow  {mlflow['tracking_uri']}  (pid {mlflow['pid']}, up in {mlflow['started_s']} s)")
+    if mlflow.get("external"):
+        print(f"mlflow  {mlflow['tracking_uri']}  (the shared server of $MLFLOW_TRACKING_URI; none started)")
+    else:
+        print(f"mlflow  {mlflow['tracking_uri']}  (pid {mlflow['pid']}, up in {mlflow['started_s']} s)")
     print(f"ray     {ray['address']}  dashboard {ray['dashboard']}  (pid {ray['pid']}, up in {ray['started_s']} s)")
     print(f"recorded in {paths.endpoints_file()}: jobs and commands started from here use both.")
     print("elsewhere (another folder, `ray job submit`):")
