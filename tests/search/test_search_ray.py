@@ -303,3 +303,52 @@ def test_killed_search_resumes_and_keeps_finished_trials(ray_head, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags.get("resumed") == "true"
     assert all(c.info.status in ("FINISHED", "FAILED", "KILLED") for c in children)
+
+
+def test_a_multi_objective_search_writes_its_pareto_front(driver, tmp_path):
+    """``metric: [dice_lesion, hd95_lesion]``: Optuna's multi-objective TPE, FIFO, a Pareto front."""
+    import csv
+    import io
+
+    from mlflow.tracking import MlflowClient
+
+    from bratstune.search.data import prepare_data, synthetic_cohort
+    from bratstune.search.space import load_search_space, parse_spec
+    from bratstune.search.tune import run_search
+    from bratstune.tracking import runs as tracking
+
+    raw = dict(load_search_space(ROOT / "search_spaces" / "losses.yaml").raw)
+    raw.update(metric=["val/dice_lesion_mean", "val/hd95_lesion_mean"], mode=["max", "min"])
+    raw.pop("scheduler")  # a multi-objective search defaults to FIFO
+    spec = parse_spec(raw, source=ROOT / "search_spaces" / "losses.yaml").smoke_variant()
+    spec = spec.with_changes(num_samples=3)
+    assert spec.multi_objective and spec.scheduler.type == "fifo"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.setup_mlflow("pareto", uri=uri)
+    cohort = synthetic_cohort(cases=6, shape=(48, 48, 32), root=tmp_path / "data")
+    data = prepare_data(spec, cohort, cache_root=tmp_path / "cache")
+    outcome = run_search(
+        spec, data, storage_path=tmp_path / "results", name="pareto", tracking_uri=uri, experiment_id=experiment_id
+    )
+    client = MlflowClient(uri)
+    parent = outcome.parent_run_id
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert "pareto_front.csv" in artifacts
+    assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent, "plots")}
+    front = list(
+        csv.DictReader(
+            io.StringIO(
+                client.download_artifacts(parent, "pareto_front.csv", str(tmp_path))
+                and (tmp_path / "pareto_front.csv").read_text()
+            )
+        )
+    )
+    assert 1 <= len(front) <= 3
+    scored = [r for r in outcome.table if r["best val/dice_lesion_mean"] is not None]
+    points = {
+        r["trial_id"]: (float(r["last val/dice_lesion_mean"]), float(r["last val/hd95_lesion_mean"])) for r in scored
+    }
+    for row in front:  # no trial dominates a front member: at least as good on both, better on one
+        d, h = points[row["trial_id"]]
+        assert not any(d2 >= d and h2 <= h and (d2 > d or h2 < h) for d2, h2 in points.values())
+    assert client.get_run(parent).data.metrics["search/pareto_trials"] == len(front)

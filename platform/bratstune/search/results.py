@@ -32,6 +32,7 @@ import yaml
 
 from bratstune.search.callback import find_trial_run
 from bratstune.search.params import ParamSpec
+from bratstune.search.pareto import pareto_rows, save_pareto_plot
 from bratstune.search.space import SearchSpec
 from bratstune.training.config import TrainConfig
 
@@ -114,6 +115,9 @@ def results_table(grid: Any, spec: SearchSpec) -> list[dict[str, Any]]:
             f"last {spec.metric}": last,
             "epochs": epochs,
         }
+        for metric, _ in spec.objectives[1:]:  # the other objectives of a multi-objective search
+            last_value = metrics.get(metric)
+            row[f"last {metric}"] = float(last_value) if isinstance(last_value, (int, float)) else None
         row.update({f"config/{k}": _cell(v) for k, v in sorted((result.config or {}).items())})
         row["error"] = "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]
         rows.append(row)
@@ -295,6 +299,19 @@ def finish_parent_run(
         if scored:
             for path in save_plots(rebuild_study(spec, rows), folder):
                 client.log_artifact(run_id, str(path), "plots")
+        if spec.multi_objective:
+            _log_pareto(client, run_id, spec, rows, folder)
         if output_dir is not None:
             _write_outputs(output_dir, text, outcome, folder)
     return outcome
+
+
+def _log_pareto(client: Any, run_id: str, spec: SearchSpec, rows: Sequence[Mapping[str, Any]], folder: Path) -> None:
+    """``pareto_front.csv`` and ``plots/pareto_front.png`` of a multi-objective search."""
+    front = pareto_rows(rows, spec.objectives)
+    client.log_text(run_id, write_csv(front), "pareto_front.csv")
+    client.log_metric(run_id, "search/pareto_trials", len(front))
+    plot = save_pareto_plot(rows, spec.objectives, folder / "pareto_front.png")
+    if plot is not None:
+        client.log_artifact(run_id, str(plot), "plots")
+    logger.info("Pareto front: %d of %d trials (%s)", len(front), len(rows), ", ".join(m for m, _ in spec.objectives))

@@ -3,8 +3,9 @@
 A search-space file (``search_spaces/*.yaml``) declares *what* a search optimises and *how*::
 
     name: losses
-    metric: val/dice_mean          # a metric fit() reports each epoch
-    mode: max
+    metric: val/dice_lesion_mean   # a metric fit() reports each epoch (this one is the default);
+    mode: max                      # or a list: [val/dice_lesion_mean, val/hd95_lesion_mean], [max, min]
+    protocol: brats2023            # lesion-wise rules of the objective (brats2023 | brats2026)
     num_samples: 8                 # trials
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}    # per trial; gpu may be fractional (0.25 = four trials per GPU)
@@ -37,6 +38,17 @@ schema (nearest-name suggestions), every parameter path against :class:`TrainCon
 names and weights included: :class:`~bratstune.training.config.LossConfig` is their one validator),
 and every reference against the parameters defined before it. The shared sections (``search``,
 ``data``, ``resources``, ``scheduler``, ``failure``) and the sampler live in
+:mod:`bratstune.search.sections`.
+
+Objectives: by default a search maximises the challenge's lesion-wise Dice
+(``val/dice_lesion_mean``, brats2023 rules) after the default dust removal
+(:data:`bratstune.inference.decode.DEFAULT_POSTPROCESS`), because that is what BraTS ranks; the
+base config's ``validation.metric`` (which picks each trial's best checkpoint) follows the first
+objective, and ``base.validation.postprocess: {}`` scores raw predictions. Voxel Dice
+(``val/dice_mean``) stays available. Several objectives (``metric`` and ``mode`` as lists) make a
+multi-objective search: Optuna's multi-objective TPE through ``OptunaSearch``, with the FIFO
+scheduler (ASHA stops trials on one metric), and a Pareto front on the parent run
+(:mod:`bratstune.search.pareto`). Where the other sections live:
 :mod:`bratstune.search.sections`; ``kind: thresholds`` files in :mod:`bratstune.search.threshold_space`.
 """
 
@@ -51,6 +63,7 @@ import optuna
 
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
 from bratstune.errors import ConfigError
+from bratstune.inference.decode import DEFAULT_POSTPROCESS
 from bratstune.models import ARCHITECTURES, architecture_options
 from bratstune.presets import load_preset
 from bratstune.search.params import META_PREFIX, ParamSpec, apply_values, deep_merge, get_path, parse_param
@@ -116,8 +129,19 @@ class SearchSpec:
     smoke: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
 
-    # -- derived views ---------------------------------------------------------------------------
+    # -- derived views
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """``(metric, mode)`` of every objective; the first is :attr:`metric` / :attr:`mode`."""
+        return tuple(zip(self.metrics, self.modes)) or ((self.metric, self.mode),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def base_config(self) -> TrainConfig:
         return load_train_config(self.base)
@@ -172,8 +196,8 @@ class SearchSpec:
         return {
             "name": self.name,
             "description": self.description,
-            "metric": self.metric,
-            "mode": self.mode,
+            "metric": [m for m, _ in self.objectives] if self.multi_objective else self.metric,
+            "mode": [m for _, m in self.objectives] if self.multi_objective else self.mode,
             "num_samples": self.num_samples,
             "max_concurrent_trials": self.max_concurrent_trials,
             "resources": self.resources.as_tune(),
@@ -224,6 +248,7 @@ _TOP_KEYS = (
     "description",
     "metric",
     "mode",
+    "protocol",
     "num_samples",
     "max_concurrent_trials",
     "resources",
@@ -313,9 +338,8 @@ def _check_top(raw: Mapping[str, Any], where: str) -> None:
     for key in raw:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, _TOP_KEYS)}; valid keys: {list(_TOP_KEYS)}")
-    for key in ("metric", "params"):
-        if key not in raw:
-            raise ConfigError(f"{where}: missing '{key}'")
+    if "params" not in raw:
+        raise ConfigError(f"{where}: missing 'params'")
 
 
 def _positive(raw: Mapping[str, Any], key: str, default: int, where: str) -> int:
@@ -325,18 +349,70 @@ def _positive(raw: Mapping[str, Any], key: str, default: int, where: str) -> int
     return value
 
 
+#: The objective of a search whose file names none: BraTS ranks by lesion-wise Dice.
+DEFAULT_METRIC = "val/dice_lesion_mean"
+
+
+def _objectives(raw: Mapping[str, Any], where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``metric`` / ``mode`` (a name or a list of names) as two tuples of equal length."""
+    metric = raw.get("metric", DEFAULT_METRIC)
+    metrics = tuple(str(m) for m in (metric if isinstance(metric, (list, tuple)) else [metric]))
+    mode = raw.get("mode", "max")
+    modes = tuple(str(m) for m in (mode if isinstance(mode, (list, tuple)) else [mode] * len(metrics)))
+    if not metrics or len(set(metrics)) != len(metrics):
+        raise ConfigError(f"{where}.metric: expected one metric name or a list of distinct names, got {metric!r}")
+    if len(modes) != len(metrics):
+        raise ConfigError(f"{where}.mode: expected one mode per metric ({len(metrics)}), got {mode!r}")
+    for name in metrics:
+        if not name.startswith(("val/", "train/")):
+            raise ConfigError(
+                f"{where}.metric: expected a reported metric such as 'val/dice_lesion_mean', got {name!r}"
+            )
+    for value in modes:
+        check_choice(value, MODES, f"{where}.mode")
+    if len(metrics) > 1:
+        scheduler = (raw.get("scheduler") or {}).get("type", "fifo")
+        if scheduler != "fifo":
+            raise ConfigError(
+                f"{where}.scheduler.type: a multi-objective search needs 'fifo' (ASHA stops trials on one "
+                f"metric), got {scheduler!r}"
+            )
+        if (raw.get("search") or {}).get("algorithm", "tpe") == "cmaes":
+            raise ConfigError(f"{where}.search.algorithm: CMA-ES is single-objective; use tpe or random")
+    return metrics, modes
+
+
+def _objective_defaults(base: dict[str, Any], metric: str, mode: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The base config scores what the search optimises: its first objective picks each trial's
+    best checkpoint, under the space's ``protocol``, after the default dust removal unless
+    ``base.validation.postprocess`` says otherwise."""
+    validation = dict(base.get("validation") or {})
+    if metric.startswith("val/"):
+        validation.setdefault("metric", metric)
+        validation.setdefault("metric_mode", mode)
+    if "protocol" in raw:
+        validation["protocol"] = raw["protocol"]
+    validation.setdefault("postprocess", DEFAULT_POSTPROCESS)
+    return {**base, "validation": validation}
+
+
+def _scheduler_section(raw: Mapping[str, Any], where: str, *, multi_objective: bool) -> SchedulerSpec:
+    """The ``scheduler`` section; a multi-objective search defaults to FIFO."""
+    scheduler = _section(SchedulerSpec, raw, "scheduler", where)
+    if multi_objective and "type" not in (raw.get("scheduler") or {}):
+        scheduler = replace(scheduler, type="fifo")
+    return scheduler
+
+
 def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str | None = None) -> SearchSpec:
     """Validate a search-space mapping (what :func:`load_search_space` reads from YAML)."""
     where = where or str(source or "search space")
     raw = dict(raw)
     _check_top(raw, where)
-    metric = str(raw["metric"])
-    if not metric.startswith(("val/", "train/")):
-        raise ConfigError(f"{where}.metric: expected a reported metric such as 'val/dice_mean', got {metric!r}")
-    mode = check_choice(str(raw.get("mode", "max")), MODES, "mode")
+    metrics, modes = _objectives(raw, where)
     num_samples = _positive(raw, "num_samples", 8, where)
     concurrent = _positive(raw, "max_concurrent_trials", 2, where)
-    base = _load_base(raw.get("base"), where, source)
+    base = _objective_defaults(_load_base(raw.get("base"), where, source), metrics[0], modes[0], raw)
     try:
         base_cfg = load_train_config(base)
     except ConfigError as exc:
@@ -351,14 +427,16 @@ def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str
         raise ConfigError(f"{where}.smoke: expected a mapping, got {smoke!r}")
     spec = SearchSpec(
         name=str(raw.get("name") or (source.stem if source else "search")),
-        metric=metric,
-        mode=mode,
+        metric=metrics[0],
+        mode=modes[0],
+        metrics=metrics,
+        modes=modes,
         num_samples=num_samples,
         params=params,
         base=base,
         max_concurrent_trials=concurrent,
         resources=_section(ResourceSpec, raw, "resources", where),
-        scheduler=_section(SchedulerSpec, raw, "scheduler", where),
+        scheduler=_scheduler_section(raw, where, multi_objective=len(metrics) > 1),
         search=_section(SearchAlgSpec, raw, "search", where),
         failure=_section(FailureSpec, raw, "failure", where),
         data=_section(DataSpec, raw, "data", where),

@@ -52,7 +52,7 @@ class TrialContext:
 
     search_name: str
     base: dict[str, Any]
-    metric: str
+    metric: str | tuple[str, ...]  # the objective(s) every report must carry
     data: DataHandle
     tracking_uri: str
     experiment_id: str
@@ -96,13 +96,14 @@ def _open_run(client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any]
     return run_id
 
 
-def _tune_reporter(metric: str, mlflow_reporter: MlflowReporter) -> Callable[[EpochReport], None]:
+def _tune_reporter(metric: str | tuple[str, ...], mlflow_reporter: MlflowReporter) -> Callable[[EpochReport], None]:
     """``fit``'s reporter: MLflow first, then ``tune.report`` (which may stop the trial)."""
 
     def report(epoch: EpochReport) -> None:
         mlflow_reporter(epoch)  # before tune.report: the scheduler may stop the trial inside it
         metrics = _finite(epoch.metrics)
-        metrics.setdefault(metric, float("nan"))
+        for name in (metric,) if isinstance(metric, str) else metric:  # every objective, even if not finite
+            metrics.setdefault(name, float("nan"))
         if epoch.checkpoint_dir is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
         else:

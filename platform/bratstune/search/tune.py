@@ -58,7 +58,6 @@ __all__ = [
     "demo_search",
     "find_experiment",
     "run_search",
-    # Re-exported for bratstune.demo, which imports it from here (its home is bratstune.search.data).
 ]
 
 
@@ -92,8 +91,16 @@ def build_tuner(
         scheduler: override ``spec.scheduler.type`` (``asha``, ``fifo``).
     """
     kind = scheduler or spec.scheduler.type
-    searcher = OptunaSearch(
-        space=spec.define_by_run, metric=spec.metric, mode=spec.mode, sampler=make_sampler(spec, algorithm=algorithm)
+    if spec.multi_objective and kind != "fifo":
+        raise ConfigError(
+            f"a multi-objective search runs with the fifo scheduler (ASHA stops on one metric), not {kind!r}"
+        )
+    metrics, modes = zip(*spec.objectives)
+    searcher = OptunaSearch(  # one objective: a name; several: lists (Optuna's multi-objective TPE)
+        space=spec.define_by_run,
+        metric=list(metrics) if spec.multi_objective else spec.metric,
+        mode=list(modes) if spec.multi_objective else spec.mode,
+        sampler=make_sampler(spec, algorithm=algorithm),
     )
     callback = TrialRunCallback(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.max_t, kind)
     return tune.Tuner(
@@ -225,7 +232,7 @@ def run_search(
     ctx = TrialContext(
         search_name=exp.name,
         base=spec.base,
-        metric=spec.metric,
+        metric=tuple(m for m, _ in spec.objectives) if spec.multi_objective else spec.metric,
         data=data,
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,

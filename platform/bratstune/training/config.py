@@ -57,6 +57,7 @@ AMP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 METRIC_MODES = ("max", "min")
 BLEND_MODES = ("gaussian", "constant")
+PROTOCOLS = ("brats2023", "brats2026")
 
 
 def _positive(value: float, what: str, *, allow_zero: bool = False) -> None:
@@ -256,6 +257,11 @@ class ValidationConfig:
             ``val/dice_lesion_mean``.
         metric_mode: ``max`` or ``min``.
         lesion_metrics: also compute BraTS lesion-wise metrics (``bratstune.metrics``).
+        protocol: lesion-wise rules, ``brats2023`` (GLI/SSA/PED/MEN/MET) or ``brats2026``.
+        postprocess: post-processing applied to the predicted labels before every validation
+            metric (``bratstune.inference.postprocess.PostprocessConfig`` keys, e.g.
+            ``{min_size: {WT: 100, TC: 50, ET: 20}}``); ``{}`` = none. Searches score trials
+            after the default dust removal (``bratstune.inference.decode.DEFAULT_POSTPROCESS``).
         max_cases: validate on at most this many cases (the first ones); ``null`` = all.
     """
 
@@ -267,9 +273,12 @@ class ValidationConfig:
     metric: str = "val/dice_mean"
     metric_mode: str = "max"
     lesion_metrics: bool = True
+    protocol: str = "brats2023"
+    postprocess: dict[str, Any] = field(default_factory=dict)
     max_cases: int | None = None
 
     def __post_init__(self) -> None:
+        check_choice(self.protocol, PROTOCOLS, "validation.protocol")
         if self.every_n_epochs < 1:
             raise ConfigError(f"validation.every_n_epochs: expected >= 1, got {self.every_n_epochs!r}")
         if not 0.0 <= self.overlap < 1.0:

@@ -52,6 +52,7 @@ from bratstune.device import (
     select_device,
 )
 from bratstune.errors import DataError
+from bratstune.inference.decode import DecodeSettings
 from bratstune.inference.outputs import output_heads
 from bratstune.inference.sliding_window import InferenceConfig
 from bratstune.models import set_train_mode
@@ -299,6 +300,8 @@ def _validate_epoch(run: _Run) -> dict[str, float]:
         run.settings,
         challenge=run.config.challenge or "GLI",
         lesion_metrics=v.lesion_metrics,
+        protocol=v.protocol,
+        decode=DecodeSettings(postprocess=v.postprocess) if v.postprocess else None,
     )
     if v.metric not in metrics:
         logger.warning("validation.metric %r is not among the validation metrics %s", v.metric, sorted(metrics))

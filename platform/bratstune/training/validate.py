@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bratstune.inference.decode import DecodeSettings
 from bratstune.inference.outputs import decode_prediction, label_values, labels_to_classes
 from bratstune.inference.sliding_window import InferenceConfig, predict_probabilities
 from bratstune.metrics import challenges, lesion_wise
@@ -67,16 +68,24 @@ def lesion_challenge(challenge: str) -> str:
 
 
 def case_lesion_metrics(
-    pred: np.ndarray, ref: np.ndarray, scheme: Any, challenge: str, spacing: Sequence[float]
+    pred: np.ndarray,
+    ref: np.ndarray,
+    scheme: Any,
+    challenge: str,
+    spacing: Sequence[float],
+    *,
+    protocol: str = "brats2023",
 ) -> dict[str, float]:
-    """BraTS 2023 lesion-wise Dice / HD95 and legacy HD95 per region of ``scheme`` (plus means).
+    """BraTS lesion-wise Dice / HD95 and legacy HD95 per region of ``scheme`` (plus means).
 
     Keys: ``dice_lesion_<R>``, ``hd95_lesion_<R>``, ``hd95_<R>``, and ``..._mean`` over regions.
+    ``protocol``: ``brats2023`` (the rules of GLI/SSA/PED/MEN/MET 2023) or ``brats2026``.
     """
     raw = lesion_wise(
         pred,
         ref,
         lesion_challenge(challenge),
+        protocol=protocol,
         spacing=tuple(float(s) for s in spacing),
         regions={r: tuple(v) for r, v in scheme.regions.items()},
     )
@@ -105,6 +114,8 @@ def validate(
     *,
     challenge: str | None = None,
     lesion_metrics: bool = True,
+    protocol: str = "brats2023",
+    decode: DecodeSettings | None = None,
 ) -> dict[str, float]:
     """Validate ``model`` on whole cases; return ``val/...`` metrics averaged over cases.
 
@@ -115,6 +126,8 @@ def validate(
         settings: sliding-window settings.
         challenge: BraTS challenge for the lesion-wise rules (``None`` skips them).
         lesion_metrics: compute the lesion-wise metrics (with ``challenge``).
+        protocol: lesion-wise rules (``brats2023`` or ``brats2026``).
+        decode: thresholds + post-processing applied before every metric (default: 0.5, none).
     """
     with_lesions = bool(lesion_metrics and challenge)
     per_metric: dict[str, list[float]] = {}
@@ -125,13 +138,15 @@ def validate(
             if case.label is None:
                 continue
             ref = np.asarray(case.label)
-            pred = decode_prediction(predict_probabilities(model, case.image, settings), scheme, settings.mode)
+            pred = decode_prediction(predict_probabilities(model, case.image, settings), scheme, settings.mode, decode)
             dice = region_dice(pred, ref, scheme)
             for region, value in dice.items():
                 per_metric.setdefault(f"val/dice_{region}", []).append(value)
             per_metric.setdefault("val/dice_mean", []).append(float(np.mean(list(dice.values()))))
             if with_lesions:
-                for key, value in case_lesion_metrics(pred, ref, scheme, challenge, case.spacing).items():
+                for key, value in case_lesion_metrics(
+                    pred, ref, scheme, challenge, case.spacing, protocol=protocol
+                ).items():
                     per_metric.setdefault(f"val/{key}", []).append(value)
     finally:
         model.train(was_training)
