@@ -335,14 +335,8 @@ def test_a_multi_objective_search_writes_its_pareto_front(driver, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert "pareto_front.csv" in artifacts
     assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent, "plots")}
-    front = list(
-        csv.DictReader(
-            io.StringIO(
-                client.download_artifacts(parent, "pareto_front.csv", str(tmp_path))
-                and (tmp_path / "pareto_front.csv").read_text()
-            )
-        )
-    )
+    local = Path(client.download_artifacts(parent, "pareto_front.csv", str(tmp_path)))
+    front = list(csv.DictReader(io.StringIO(local.read_text())))
     assert 1 <= len(front) <= 3
     scored = [r for r in outcome.table if r["best val/dice_lesion_mean"] is not None]
     points = {
