@@ -3,14 +3,20 @@
     python jobs/cross_validate.py --smoke-test                          # tiny CPU run, local Ray
     python jobs/cross_validate.py --data /data/BraTS-GLI --from-search 3f2a... --folds 5
     python jobs/cross_validate.py --data DIR --preset unet --epochs 30 --register bratstune-gli --promote
+    python jobs/cross_validate.py --data DIR --preset unet --splits splits_final.json --gate-cases gate.json
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/cross_validate.py ...
 
 The config is a search's best (``--from-search RUN_ID``: the parent run's ``best_config.yaml``),
 a YAML file (``--config``) or a preset (``--preset``), with ``--set key=value`` overrides. Under
 ``ray job submit`` it joins the cluster (``RAY_ADDRESS``); run directly it starts a local Ray.
 Output under ``--storage-path`` (default ``.bratstune/results/cv``): fold models, OOF
-probabilities, tuned thresholds and ``ensemble/``. MLflow goes to ``$MLFLOW_TRACKING_URI`` or
-``.bratstune/mlflow.db``.
+probabilities, tuned thresholds, case records and ``ensemble/``. MLflow goes to
+``$MLFLOW_TRACKING_URI`` or ``.bratstune/mlflow.db``.
+
+``--gate-fraction`` of the cohort (default 0.2) is kept out of the CV for the promotion gate;
+each fold chooses its epoch on ``--inner-val-fraction`` of its own training cases
+(``--selection inner``) or trains ``--epochs`` and keeps the last weights (``--selection fixed``).
+The reported estimate is cross-fitted (``cv/oos/*``); the in-sample figure is printed beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import _bootstrap
 from bratstune.errors import ConfigError
 from bratstune.search import crossval
 from bratstune.search.data import synthetic_cohort
+from bratstune.tracking.runs import experiment_link
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    parser.add_argument("--splits", type=Path, default=None, help="nnU-Net splits_final.json: entry i is fold i")
+    parser.add_argument(
+        "--selection",
+        choices=["inner", "fixed"],
+        default="inner",
+        help="each fold's epoch: chosen on an inner split of its training cases, or the last of --epochs",
+    )
+    parser.add_argument("--inner-val-fraction", type=float, default=0.2, help="inner validation share (default 0.2)")
+    parser.add_argument("--gate-fraction", type=float, default=0.2, help="cases kept out for the promotion gate")
+    parser.add_argument("--gate-cases", type=Path, default=None, help="JSON list of the gate case ids instead")
+    parser.add_argument("--gate-data", type=Path, default=None, help="a separate labelled folder as the gate split")
+    parser.add_argument("--gate-margin", type=float, default=0.0, help="how much the candidate must win by")
+    parser.add_argument(
+        "--gate-rule",
+        choices=["lower_bound", "mean"],
+        default="lower_bound",
+        help="promote when the interval's lower end (default) or the mean difference exceeds the margin",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--threshold-trials", type=int, default=100, help="threshold/post-processing search trials")
     parser.add_argument("--cpus-per-fold", type=float, default=1.0, help="Tune CPUs per fold trial")
@@ -71,6 +96,13 @@ def spec_from_flags(args: argparse.Namespace) -> crossval.CrossValSpec:
     mapping = {
         "folds": args.folds if not smoke or args.folds != 5 else 3,
         "seed": args.seed,
+        "splits": args.splits,
+        "selection": args.selection,
+        "inner_val_fraction": args.inner_val_fraction,
+        "gate_fraction": args.gate_fraction,
+        "gate_cases": args.gate_cases,
+        "gate_data": args.gate_data,
+        "gate": {"margin": args.gate_margin, "rule": args.gate_rule},
         "epochs": args.epochs,
         "threshold_trials": 10 if smoke else args.threshold_trials,
         "resources": {"cpu": args.cpus_per_fold, "gpu": args.gpus_per_fold},
@@ -88,14 +120,21 @@ def spec_from_flags(args: argparse.Namespace) -> crossval.CrossValSpec:
 
 
 def report(outcome: crossval.CVOutcome) -> None:
-    """Print the folds, the pooled OOF scores, the tuned decode, the ensemble and the registry."""
-    metric = outcome.metric.split("/", 1)[1]
-    print(f"cross-validation: {len(outcome.fold_metrics)} folds, MLflow parent run {outcome.parent_run_id}")
-    for i, fold in enumerate(outcome.fold_metrics):
-        print(f"  fold {i}: OOF {metric} = {fold.get(metric, float('nan')):.4f}")
+    """Print the folds, the pooled scores, the deployed decode, the ensemble and the registry."""
+    metric = outcome.metric.rsplit("/", 1)[1]
     print(
-        f"pooled OOF {metric}: {outcome.oof_metrics_default.get(metric, float('nan')):.4f} default -> "
-        f"{outcome.oof_metrics_tuned.get(metric, float('nan')):.4f} tuned"
+        f"cross-validation: {len(outcome.fold_metrics)} folds, {len(outcome.gate)} gate case(s) kept out, "
+        f"MLflow parent run {outcome.parent_run_id}"
+    )
+    for i, (fold, oos) in enumerate(zip(outcome.fold_metrics, outcome.fold_oos_metrics)):
+        print(
+            f"  fold {i}: {metric} {fold.get(metric, float('nan')):.4f} default decode, "
+            f"{oos.get(metric, float('nan')):.4f} cross-fitted"
+        )
+    print(
+        f"{metric}: {outcome.oos_metrics.get(metric, float('nan')):.4f} out-of-sample (cross-fitted: the estimate); "
+        f"{outcome.oof_metrics_default.get(metric, float('nan')):.4f} default decode; "
+        f"{outcome.in_sample_metrics.get(metric, float('nan')):.4f} in-sample (tuned on the same cases)"
     )
     print(f"thresholds {outcome.thresholds}, post-processing {outcome.postprocess}")
     print(f"ensemble: {outcome.ensemble.describe()} -> {outcome.ensemble_dir}")
@@ -104,7 +143,7 @@ def report(outcome: crossval.CVOutcome) -> None:
     if outcome.promotion is not None:
         p = outcome.promotion
         print(f"{'PROMOTED' if p.promoted else 'champion unchanged'}: {p.reason}")
-    print(f"browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"browse the runs: {experiment_link(outcome.tracking_uri, outcome.experiment_id)}")
 
 
 @_bootstrap.error_tail

@@ -3,8 +3,10 @@
 ``python jobs/promote_ensemble.py --members RUN_ID_OR_DIR ... --metric val/dice_mean [--name bratstune-gli] [--force]``
 
 Same arguments as ``bratstune promote``; ``--smoke-test`` trains two tiny members on a synthetic
-cohort first. Cross-validation will call it with its fold models and out-of-fold metric
-(``--cv-run``, ``--metric-value``).
+cohort first. The champion moves only when the new ensemble beats it on the same held-out gate
+cases (paired per-case difference in ``--gate-metric``, bootstrap 95 % interval, ``--gate-margin``);
+``--force`` moves it regardless and is recorded as forced. Cross-validation registers and gates
+its own ensembles (``jobs/cross_validate.py --register NAME --promote``).
 """
 
 from __future__ import annotations

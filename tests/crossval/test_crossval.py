@@ -1,16 +1,21 @@
 """Cross-validation end to end on one real local Ray (127.0.0.1) and a real SQLite MLflow store.
 
-3 folds of a tiny UNet on 9 procedural synthetic GLI cases: one CV parent run with three fold
-child runs, one OOF probability file per case, a loadable 3-member ensemble shipping the tuned
-thresholds, tuned OOF score >= default, and registration + promotion to ``champion``.
+3 folds of a tiny UNet on 9 procedural synthetic GLI cases (about 2 kept out as the gate split):
+one CV parent run with three fold child runs, one OOF probability file per CV case, case records
+that keep every fold's held-out cases out of its training, epoch selection and decode tuning, the
+cross-fitted (``cv/oos/*``) and in-sample (``cv/in_sample/*``) figures, a loadable 3-member
+ensemble shipping the deployed thresholds, and registration + promotion to ``champion``; the same
+ensemble registered again is compared with the champion on the gate cases and not promoted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,32 +118,59 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
     for key in (
         "fold0/oof/dice_lesion_WT",
         "fold2/oof/dice_lesion_mean",
+        "fold1/oos/dice_lesion_mean",
         "oof_default/dice_lesion_ET",
-        "oof_tuned/dice_lesion_mean",
+        "cv/oos/dice_lesion_mean",
+        "cv/oos/hd95_lesion_WT",
+        "cv/oos/hd95_lesion_mean",
+        "cv/in_sample/dice_lesion_mean",
         "cv/dice_lesion_mean",
     ):
         assert key in parent.data.metrics, key
+    assert parent.data.metrics["cv/dice_lesion_mean"] == parent.data.metrics["cv/oos/dice_lesion_mean"]
+    assert parent.data.metrics["cv/oos/dice_lesion_mean"] == pytest.approx(outcome.oos_metrics["dice_lesion_mean"])
+    assert parent.data.params["cv.selection"] == "inner"
+    for child in children:
+        assert "oos/dice_lesion_mean" in child.data.metrics
 
-    # every case has exactly one OOF file; folds partition the cohort
+    # a gate split kept out; every CV case has exactly one OOF file; folds partition the CV cases
     case_ids = sorted(c.case_id for c in discover(cohort).cases)
+    assert outcome.gate and not set(outcome.gate) & {c for fold in outcome.folds for c in fold}
+    cv_ids = sorted(c for fold in outcome.folds for c in fold)
+    assert sorted(cv_ids + outcome.gate) == case_ids
     oof = sorted(p.name for p in (outcome.out_dir / "oof").iterdir())
-    assert oof == [f"{c}.npy" for c in case_ids]
-    assert sorted(c for fold in outcome.folds for c in fold) == case_ids
+    assert oof == [f"{c}.npy" for c in cv_ids]
     import numpy as np
 
     probs = np.load(outcome.out_dir / "oof" / oof[0])
     assert probs.dtype == np.float16 and probs.shape[0] == 3
+    assert sorted(outcome.oos_cases) == cv_ids and len(outcome.fold_metrics) == 3
 
-    # tuned >= default on the pooled OOF cases
-    assert outcome.oof_metrics_tuned["dice_lesion_mean"] >= outcome.oof_metrics_default["dice_lesion_mean"]
-    assert len(outcome.fold_metrics) == 3
+    # held out means held out, by the recorded case lists of every fold
+    record = json.loads((outcome.out_dir / "cases.json").read_text())
+    assert record["gate"] == sorted(outcome.gate) and record["tuned"] == cv_ids
+    for k, fold in enumerate(record["folds"]):
+        held = set(fold["held_out"])
+        assert held == set(outcome.folds[k])
+        for role in ("trained", "selected", "tuned"):
+            assert not held & set(fold[role]), (k, role)
+            assert not set(outcome.gate) & set(fold[role]), (k, role)
+        assert fold["selected"]  # each fold chose its epoch on its own inner validation cases
+    child_record = json.loads(
+        Path(client.download_artifacts(outcome.fold_run_ids[0], "cases.json", str(tmp_path))).read_text()
+    )
+    assert child_record["held_out"] == record["folds"][0]["held_out"]
 
-    # the saved ensemble loads with three members and the tuned thresholds
+    # the saved ensemble loads with three members, the deployed thresholds and its case record
     loaded = Ensemble.load(outcome.ensemble_dir)
     assert len(loaded.members) == 3
     assert loaded.thresholds == pytest.approx(outcome.thresholds)
     assert loaded.lineage["cv_run_id"] == outcome.parent_run_id and loaded.lineage["search_run_id"] == "0" * 32
-    assert loaded.metrics["cv/dice_lesion_mean"] == pytest.approx(outcome.oof_metrics_tuned["dice_lesion_mean"])
+    assert json.loads(loaded.lineage["cases"])["gate"] == sorted(outcome.gate)
+    assert loaded.metrics["cv/oos/dice_lesion_mean"] == pytest.approx(outcome.oos_metrics["dice_lesion_mean"])
+    assert loaded.metrics["cv/in_sample/dice_lesion_mean"] == pytest.approx(
+        outcome.in_sample_metrics["dice_lesion_mean"]
+    )
     assert loaded.training_fingerprint
 
     # registered and promoted: the first version becomes the champion
@@ -148,6 +180,24 @@ def test_three_folds_give_a_tuned_registered_champion_ensemble(local_ray, tmp_pa
     champion = client.get_model_version_by_alias("bratstune-gli", "champion")
     assert str(champion.version) == "1" and champion.run_id == outcome.parent_run_id
     assert champion.tags["lineage.cv_run_id"] == outcome.parent_run_id
+    assert champion.tags["selection.metric"] == "cv/oos/dice_lesion_mean"
+
+    # the same ensemble again: compared with the champion on the gate cases, a tie is not promoted
+    from bratstune.ensemble.gate import GateSpec
+    from bratstune.search.crossval.packaging import register
+
+    again = register(
+        outcome.ensemble,
+        "bratstune-gli",
+        parent_run_id=outcome.parent_run_id,
+        metric=outcome.metric,
+        promote=True,
+        force=False,
+        gate=GateSpec(tta=False, min_cases=1),
+    )
+    assert again.registered == "bratstune-gli/2" and not again.promotion.promoted
+    assert again.promotion.evidence.cases == sorted(outcome.gate) and again.promotion.evidence.mean == 0.0
+    assert client.get_model_version("bratstune-gli", "2").tags["gate.cases"] == str(len(outcome.gate))
     print(f"cross-validation test took {time.perf_counter() - started:.1f} s")
 
 
@@ -183,6 +233,10 @@ def test_config_comes_from_a_search_parent_run_and_label_mode_is_refused(tmp_pat
         ({"resources": {"cpu": 0}}, "resources.cpu"),
         ({"resources": {"cpus": 1}}, "did you mean 'cpu'"),
         ({"promote": "maybe"}, "true/false"),
+        ({"selection": "best"}, "unknown selection"),
+        ({"gate_fraction": 1.0}, "gate_fraction"),
+        ({"inner_val_fraction": 0}, "inner_val_fraction"),
+        ({"gate": {"margins": 0.1}}, "did you mean 'margin'"),
     ],
 )
 def test_crossval_spec_validation_names_the_fix(mapping, message):

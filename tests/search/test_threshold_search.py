@@ -51,7 +51,7 @@ def test_minimum_size_removes_dust_and_holes_are_filled():
     assert DecodeSettings.from_values({"fill_holes": False}, ()).apply_postprocess(labels, scheme) is labels
 
 
-def test_search_beats_or_matches_the_default_thresholds():
+def test_search_reports_its_best_trial_and_scores_it_again():
     scheme = get_scheme("brats2023")
     cases = [_case(0), _case(1)]
     spec = load_threshold_space(ROOT / "search_spaces" / "thresholds.yaml")
@@ -60,7 +60,9 @@ def test_search_beats_or_matches_the_default_thresholds():
     outcome = search_thresholds(spec, cases, scheme, challenge="GLI", num_samples=15)
     assert outcome.trials == 15 and outcome.table[0]["thresholds.WT"] == 0.5  # the default is trial 0
     assert outcome.baseline_metric == pytest.approx(default["dice_lesion_mean"])
-    assert outcome.best_metric >= outcome.baseline_metric
+    # the search's own bookkeeping (its first trial is the default, so no tuned-vs-default claim here:
+    # out-of-sample comparisons are cross-fitted, tests/crossval/test_leakage.py)
+    assert outcome.best_metric == max(row["dice_lesion_mean"] for row in outcome.table)
     assert outcome.per_minute > 0
     assert set(outcome.best_values) == {p.name for p in spec.params}
     assert outcome.best == DecodeSettings.from_values(outcome.best_values, ("WT", "TC", "ET"))

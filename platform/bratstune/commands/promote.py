@@ -5,18 +5,29 @@ URI whose ``best_model`` artifact is fetched), optionally read thresholds / post
 (``--thresholds``: the ``best_postprocess.yaml`` of a threshold search, or its run id), compute
 the training data's fingerprint from ``--data``, build the :class:`bratstune.ensemble.package.Ensemble`,
 register it as a new version of ``--name`` (default ``bratstune-<challenge>``) inside an MLflow
-run, and move the ``champion`` alias only if the new version beats the current champion on
-``--metric`` (``--force`` moves it anyway; that is tagged and logged). Exit code 0 whether or not
-the alias moved; the decision is printed and recorded on the version.
+run, and move the ``champion`` alias only if the new version beats the current champion **on the
+same held-out cases** (:mod:`bratstune.ensemble.promotion`: both models segment the gate cases,
+the paired per-case difference in ``--gate-metric`` must be positive beyond ``--gate-margin``,
+with a bootstrap 95 % interval). ``--force`` moves it anyway; that is tagged and logged. Exit
+code 0 whether or not the alias moved; the decision is printed and recorded on the version.
 
-``--metric-value`` is the ensemble's validation value of ``--metric`` (cross-validation will pass
-its out-of-fold score); by default the mean of the members' recorded values.
-``jobs/promote_ensemble.py`` is this command as a job.
+The gate needs to know which cases the new ensemble used. Each member's case record
+(``cases.json``: next to a fit output folder, in a CV fold folder, or on the member's MLflow run
+or its parent) gives the cases it trained and selected on; ``--tuned-on FILE`` (a JSON list of
+ids) names the cases ``--thresholds`` were tuned on. The gate split is ``--gate-cases FILE``, or
+every labelled case in ``--gate-data`` (default ``--data``) that the ensemble did not use. When a
+record is missing, the version is registered without case lists and the gate cannot compare it
+(``--force`` still can).
+
+``--metric`` / ``--metric-value`` are the recorded headline number (default the members' mean of
+``--metric``); the gate never compares them. ``jobs/promote_ensemble.py`` is this command as a job.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import re
 import tempfile
 import time
@@ -25,11 +36,15 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 
 from bratstune.config_utils import load_yaml
 from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 from bratstune.data.fingerprint import training_fingerprint
+from bratstune.data.layout import discover
+from bratstune.data.splits import CASES_FILE, CaseRecord
 from bratstune.data.synthetic import generate_cohort
+from bratstune.ensemble.gate import GateSpec
 from bratstune.ensemble.member import Member
 from bratstune.ensemble.package import Ensemble
 from bratstune.ensemble.promotion import Promotion, promote
@@ -44,6 +59,8 @@ from bratstune.training.fit import fit
 
 TTA_CHOICES = {"none": (False, False), "flips": (True, False), "flips+rot90": (True, True)}
 
+logger = logging.getLogger(__name__)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -56,9 +73,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="registered model name (default bratstune-<challenge>)")
     parser.add_argument("--challenge", help="GLI, PED, ... (default: the members' config, else GLI)")
     parser.add_argument("--scheme", help="label scheme name (default: from the challenge)")
-    parser.add_argument("--metric", default="val/dice_mean", help="validation metric the gate compares")
-    parser.add_argument("--mode", choices=["max", "min"], default="max", help="higher (max) or lower (min) is better")
+    parser.add_argument("--metric", default="val/dice_mean", help="the recorded headline metric (not compared)")
     parser.add_argument("--metric-value", type=float, help="the ensemble's value of --metric (default: members' mean)")
+    parser.add_argument("--gate-metric", default="dice_lesion_mean", help="per-case metric the gate compares")
+    parser.add_argument(
+        "--mode", choices=["max", "min"], default="max", help="--gate-metric: higher or lower is better"
+    )
+    parser.add_argument("--gate-margin", type=float, default=0.0, help="how much the candidate must win by")
+    parser.add_argument(
+        "--gate-rule",
+        choices=["lower_bound", "mean"],
+        default="lower_bound",
+        help="promote when the 95%% interval's lower end (default) or the mean difference exceeds the margin",
+    )
+    parser.add_argument("--gate-cases", type=Path, help="JSON list of held-out gate case ids")
+    parser.add_argument("--gate-data", type=Path, help="cohort holding the gate cases (default --data)")
+    parser.add_argument("--gate-tta", choices=["own", "none"], default="own", help="test-time views while gating")
+    parser.add_argument("--tuned-on", type=Path, help="JSON list of the case ids --thresholds were tuned on")
     parser.add_argument("--thresholds", help="YAML with thresholds/postprocess, or a threshold-search run id")
     parser.add_argument("--data", type=Path, help="training cohort: records its intensity fingerprint for drift checks")
     parser.add_argument("--tta", choices=sorted(TTA_CHOICES), default="flips", help="test-time augmentation")
@@ -91,6 +122,72 @@ def _decode(source: str | None) -> DecodeSettings | None:
     return DecodeSettings.from_mapping({k: data[k] for k in ("thresholds", "postprocess") if data.get(k)})
 
 
+def _source_record(source: str, folder: Path) -> CaseRecord | None:
+    """A member's case record: ``cases.json`` near its folder, or on its MLflow run (or that run's parent)."""
+    for candidate in (folder / CASES_FILE, folder.parent / CASES_FILE):
+        if candidate.is_file():
+            return CaseRecord.from_json(candidate.read_text(), source=candidate)
+    if not re.fullmatch(r"[0-9a-f]{32}", str(source)):
+        return None
+    client = mlflow.MlflowClient()
+    run_ids = [str(source)]
+    try:
+        parent = client.get_run(str(source)).data.tags.get("mlflow.parentRunId")
+    except MlflowException:
+        parent = None
+    if parent:
+        run_ids.append(parent)
+    for run_id in run_ids:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CASES_FILE)
+        except (MlflowException, OSError):
+            continue
+        return CaseRecord.from_json(Path(path).read_text(), source=path)
+    return None
+
+
+def _read_ids(path: Path, what: str) -> list[str]:
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(path, f"{what}: cannot read a JSON list of case ids ({exc})") from None
+    if isinstance(ids, dict):
+        ids = ids.get("gate")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise DataError(path, f"{what}: expected a JSON list of case ids")
+    return ids
+
+
+def case_record(
+    args: argparse.Namespace, sources: list[str], folders: list[Path], data: Path | None
+) -> CaseRecord | None:
+    """The new ensemble's case record, or ``None`` (with a warning) when a part of it is unknown."""
+    records = [_source_record(s, f) for s, f in zip(sources, folders)]
+    if any(r is None for r in records):
+        missing = [s for s, r in zip(sources, records) if r is None]
+        logger.warning("no case record for member(s) %s: the gate cannot compare this version", missing)
+        return None
+    if args.thresholds and not args.tuned_on:
+        logger.warning(
+            "--thresholds without --tuned-on: the decode's tuning cases are unknown; the gate cannot compare"
+        )
+        return None
+    record = CaseRecord(
+        trained=sorted({c for r in records for c in r.trained}),
+        selected=sorted({c for r in records for c in r.selected}),
+        tuned=sorted(
+            {c for r in records for c in r.tuned} | set(_read_ids(args.tuned_on, "--tuned-on") if args.tuned_on else [])
+        ),
+    )
+    gate_root = args.gate_data or data
+    if args.gate_cases:
+        record.gate = sorted(_read_ids(args.gate_cases, "--gate-cases"))
+    elif gate_root is not None:
+        labelled = [c.case_id for c in discover(gate_root).cases if c.label is not None]
+        record.gate = sorted(set(labelled) - record.used)
+    return record
+
+
 def _smoke_members(tmp: Path) -> tuple[list[Path], Path]:
     generate_cohort(tmp / "data", challenge="GLI", cases=6, shape=(32, 32, 32), anatomy="procedural", workers=1)
     prepared = prepare_cohort(tmp / "data", preprocess_config({}), cache_root=tmp / "cache")
@@ -109,6 +206,8 @@ def _smoke_members(tmp: Path) -> tuple[list[Path], Path]:
         }
         split = split_train_val(prepared.cases, scheme_for("GLI"), val_fraction=0.2, seed=seed)
         result = fit(config, split, out_dir=tmp / f"member{seed}")
+        record = CaseRecord(trained=[c.case_id for c in split.train], selected=[c.case_id for c in split.val])
+        record.write(tmp / f"member{seed}" / CASES_FILE)  # as bratstune train records it
         folders.append(result.best_dir)
     return folders, tmp / "data"
 
@@ -166,6 +265,11 @@ def build(args: argparse.Namespace, workdir: Path) -> Ensemble:
         fingerprint = training_fingerprint(c.fingerprint for c in prepared.cases)
         lineage["data_fingerprint"] = prepared.fingerprint
         lineage["data_root"] = str(Path(data).absolute())
+    if args.gate_data is not None:
+        lineage["data_root"] = str(Path(args.gate_data).absolute())  # where the gate finds its cases
+    record = case_record(args, sources, folders, data)
+    if record is not None:
+        lineage["cases"] = record.dumps()
     flips, rotate = TTA_CHOICES[args.tta]
     inference = InferenceConfig(
         roi_size=tuple(args.roi_size) if args.roi_size else None, overlap=args.overlap, flips=flips, rotate90=rotate
@@ -215,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "members": list(args.members),
                     "metric": args.metric,
+                    "gate_metric": args.gate_metric,
+                    "gate_margin": args.gate_margin,
+                    "gate_rule": args.gate_rule,
                     "mode": args.mode,
                     "tta": args.tta,
                     "overlap": args.overlap,
@@ -227,7 +334,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"registered {name} version {version} ({args.metric} = {ensemble.metrics[args.metric]:.4f})")
             if args.no_promote:
                 return 0
-            decision = promote(name, version, metric=args.metric, mode=args.mode, force=args.force)
+            gate = GateSpec(
+                metric=args.gate_metric,
+                mode=args.mode,
+                margin=args.gate_margin,
+                rule=args.gate_rule,
+                tta=None if args.gate_tta == "own" else False,
+            )
+            decision = promote(name, version, gate=gate, force=args.force, data_root=args.gate_data)
             mlflow.set_tags(
                 {
                     "promotion.decision": "promoted" if decision.promoted else "rejected",

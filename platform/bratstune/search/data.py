@@ -22,8 +22,9 @@ import numpy as np
 
 from bratstune import paths
 from bratstune.data.cache import CaseCache
-from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config, split_train_val
+from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config
 from bratstune.data.layout import discover
+from bratstune.data.splits import train_val
 from bratstune.data.synthetic import generate_cohort
 from bratstune.search.space import SearchSpec
 
@@ -60,6 +61,14 @@ class DataHandle:
     def case_ids(self) -> list[str]:
         return [c.case_id for c in self.train_cases + self.val_cases]
 
+    def case_record(self) -> dict[str, list[str]]:
+        """What every trial trains on and what chooses its epoch and the best trial (``cases.json``)."""
+        return {"trained": sorted(c.case_id for c in self.train_cases), "selected": sorted(self.val_ids)}
+
+    @property
+    def val_ids(self) -> list[str]:
+        return [c.case_id for c in self.val_cases]
+
     def load(self) -> TrainData:
         """The trial's TrainData: memory maps from the cache (or the shipped arrays)."""
         if self.arrays is not None:
@@ -79,22 +88,42 @@ class DataHandle:
 
 
 def prepare_data(
-    spec: SearchSpec, root: str | Path, *, cache_root: str | Path | None = None, workers: int = 1
+    spec: SearchSpec,
+    root: str | Path,
+    *,
+    cache_root: str | Path | None = None,
+    workers: int = 1,
+    splits: str | Path | None = None,
+    fold: int = 0,
+    val_root: str | Path | None = None,
 ) -> DataHandle:
     """Discover, preprocess (once, into the cache) and split the cohort for every trial.
 
     The preprocessing is the base config's ``data.preprocess`` updated with the space's
     ``data.preprocess``; the split holds out ``data.val_fraction`` of the cases, stratified by
-    tumour volume (``bratstune.data.cohort.split_train_val``, seed ``data.split_seed``).
+    tumour volume (``bratstune.data.cohort.split_train_val``, seed ``data.split_seed``), or is
+    entry ``fold`` of a ``splits`` file (nnU-Net's ``splits_final.json``), or validates on a
+    separate ``val_root`` cohort (:func:`bratstune.data.splits.train_val`).
     """
     root = Path(root).resolve()
     cache = CaseCache(cache_root)
     preprocess = preprocess_config({**dict(spec.base_config().data.preprocess), **dict(spec.data.preprocess)})
     prepared = prepare_cohort(root, preprocess, workers=workers, cache_root=cache.root)
-    split = split_train_val(
-        prepared.cases, prepared.scheme, val_fraction=spec.data.val_fraction, seed=spec.data.split_seed
+    val_cases = None
+    if val_root is not None:
+        val_cases = prepare_cohort(Path(val_root).resolve(), prepared.preprocess, cache_root=cache.root).cases
+    split = train_val(
+        prepared.cases,
+        prepared.scheme,
+        splits=splits,
+        fold=fold,
+        val_cases=val_cases,
+        val_fraction=spec.data.val_fraction,
+        seed=spec.data.split_seed,
     )
     by_id = {c.case_id: c for c in discover(root).cases}
+    if val_root is not None:
+        by_id.update({c.case_id: c for c in discover(Path(val_root).resolve()).cases})
     train_ids = [c.case_id for c in split.train]
     val_ids = [c.case_id for c in split.val]
     arrays = None
@@ -113,7 +142,7 @@ def prepare_data(
         cache_root=cache.root,
         train_cases=[by_id[i] for i in train_ids],
         val_cases=[by_id[i] for i in val_ids],
-        preprocess=preprocess,
+        preprocess=prepared.preprocess,  # target spacing resolved for the cohort
         scheme=prepared.scheme,
         fingerprint=prepared.fingerprint,
         arrays=arrays,

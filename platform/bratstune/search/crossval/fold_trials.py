@@ -2,12 +2,14 @@
 
 A ``Tuner`` over ``tune.grid_search(range(k))`` of the meta parameter ``_fold`` (FIFO, per-trial
 resources). Each trial *is* a search trial: :func:`bratstune.search.trial.run_trial` with that
-fold's :class:`~bratstune.search.data.DataHandle`, so a fold gets the same MLflow child run
-(params, per-epoch metrics, ``best_model`` artifact, ``stop_reason``) under the CV parent run,
-checkpoints/retries and the driver-side :class:`bratstune.search.callback.TrialRunCallback`. Its
-``fit_fn`` wraps ``fit`` to keep the fold's best model (``<out>/folds/foldI/best_model``) and to
-write the out-of-fold probabilities of its held-out cases (:func:`~bratstune.search.crossval.oof.write_oof`)
-before the trial ends.
+fold's :class:`~bratstune.search.data.DataHandle` (its training cases and, with ``selection:
+inner``, the inner validation cases that choose its epoch; never its held-out cases), so a fold
+gets the same MLflow child run (params, per-epoch metrics, ``best_model`` artifact,
+``stop_reason``) under the CV parent run, checkpoints/retries and the driver-side
+:class:`bratstune.search.callback.TrialRunCallback`. Its ``fit_fn`` wraps ``fit`` to keep the
+fold's model (``<out>/folds/foldI/best_model``: the selected epoch, or the last one with
+``selection: fixed``) and to write the out-of-fold probabilities of its held-out cases
+(:func:`~bratstune.search.crossval.oof.write_oof`, from a separate handle) before the trial ends.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bratstune.search.callback import TrialRunCallback, find_trial_run
 from bratstune.search.crossval.oof import write_oof
 from bratstune.search.data import DataHandle
 from bratstune.search.trial import TrialContext, run_trial
+from bratstune.training.checkpoint import save_best
 from bratstune.training.fit import fit
 from bratstune.training.report import FitResult
 
@@ -57,19 +60,36 @@ class CVContext:
     parent_run_id: str
     cpus: float = 1.0
     fit_fn: Callable[..., Any] | None = None
+    held_out: list[DataHandle] | None = None
+    selection: str = "inner"
 
 
-def _keep_best(result: FitResult, fold_dir: Path, fold: int) -> Path:
-    """Copy the fit's best-model folder to ``<fold_dir>/best_model`` (atomically replaced)."""
+def _keep_best(result: FitResult, fold_dir: Path, fold: int, selection: str) -> Path:
+    """The fold's model at ``<fold_dir>/best_model`` (atomically replaced).
+
+    ``selection: inner``: fit's best-model folder (the epoch its inner validation chose);
+    ``fixed``: the last weights (fit ran without validation cases).
+    """
     best = fold_dir / BEST_DIR
-    if result.best_dir is None:
-        raise DataError(fold_dir, f"fold {fold} produced no best checkpoint (no validation cases?)")
     tmp = fold_dir / f".{BEST_DIR}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(result.best_dir, tmp)
+    if result.best_dir is not None:
+        shutil.copytree(result.best_dir, tmp)
+    elif selection == "fixed":
+        save_best(tmp, model=result.model, config=result.config.to_dict(), metrics=result.best_metrics)
+    else:
+        raise DataError(fold_dir, f"fold {fold} produced no best checkpoint (no inner validation cases?)")
     shutil.rmtree(best, ignore_errors=True)
     os.replace(tmp, best)
     return best
+
+
+def _check_held_out(data: Any, held_out: Any, fold: int) -> None:
+    """Refuse to train when a held-out case reached the fold's training or selection cases."""
+    seen = {c.case_id for c in list(data.train) + list(data.val)}
+    leaked = sorted(seen & {c.case_id for c in held_out})
+    if leaked:
+        raise DataError(None, f"fold {fold}: held-out case(s) {leaked[:5]} are among its training/selection cases")
 
 
 def _fit_and_keep(
@@ -79,15 +99,22 @@ def _fit_and_keep(
     *,
     fold: int,
     cv_dir: str,
+    held_out: DataHandle,
+    selection: str = "inner",
     fit_fn: Callable[..., Any] | None = None,
     **kwargs: Any,
 ) -> FitResult:
-    """``fit`` + keep the fold's best model + write its OOF probabilities (in the trial)."""
+    """``fit`` + keep the fold's model + write its OOF probabilities (in the trial).
+
+    ``data`` holds the fold's training and (inner) selection cases; ``held_out`` its held-out ones.
+    """
+    held = held_out.load().val
+    _check_held_out(data, held, fold)
     result = (fit_fn or fit)(config, data, reporter, **kwargs)
     fold_dir = Path(cv_dir) / FOLDS_DIR / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    best = _keep_best(result, fold_dir, fold)
-    cases = write_oof(result, data.val, cv_dir, fold_dir)
+    best = _keep_best(result, fold_dir, fold, selection)
+    cases = write_oof(result, held, cv_dir, fold_dir)
     logger.info("fold %d: best model -> %s, OOF probabilities of %d case(s)", fold, best, cases)
     return result
 
@@ -95,6 +122,16 @@ def _fit_and_keep(
 def run_fold(config: dict[str, Any], ctx: CVContext) -> None:
     """Ray Tune function trainable of one fold: :func:`bratstune.search.trial.run_trial` on its split."""
     fold = int(config[FOLD_KEY])
+    if ctx.held_out is None:
+        raise DataError(None, "CVContext.held_out: the folds' held-out cases are missing")
+    keep = functools.partial(
+        _fit_and_keep,
+        fold=fold,
+        cv_dir=ctx.out_dir,
+        held_out=ctx.held_out[fold],
+        selection=ctx.selection,
+        fit_fn=ctx.fit_fn,
+    )
     trial_ctx = TrialContext(
         search_name=ctx.name,
         base=ctx.base,
@@ -104,7 +141,7 @@ def run_fold(config: dict[str, Any], ctx: CVContext) -> None:
         experiment_id=ctx.experiment_id,
         parent_run_id=ctx.parent_run_id,
         cpus=ctx.cpus,
-        fit_fn=functools.partial(_fit_and_keep, fold=fold, cv_dir=ctx.out_dir, fit_fn=ctx.fit_fn),
+        fit_fn=keep,
     )
     run_trial(config, trial_ctx)
 

@@ -1,11 +1,14 @@
 """Stages 5 and 6, packaging and registration: the fold models become one ensemble, maybe the champion.
 
 The fold models become the members of an :class:`bratstune.ensemble.package.Ensemble` with the
-tuned decode settings, the training fingerprint (:func:`bratstune.data.fingerprint.training_fingerprint`),
-lineage (``cv_run_id``, ``search_run_id``, data fingerprint, git commit) and metrics
-(``cv/dice_lesion_mean`` = tuned pooled OOF); saved to ``<out>/ensemble`` and, when the spec
-names a model, registered in the CV parent run and promoted through the gate
-(:mod:`bratstune.ensemble.registry`).
+deployed decode settings, the training fingerprint (:func:`bratstune.data.fingerprint.training_fingerprint`),
+lineage (``cv_run_id``, ``search_run_id``, data fingerprint and root, git commit, and ``cases``:
+the :class:`~bratstune.data.splits.CaseRecord` of what the ensemble trained, selected and tuned on
+and its held-out gate split) and metrics (``cv/oos/dice_lesion_mean`` = the cross-fitted
+estimate, :data:`DEFAULT_METRIC`; ``cv/in_sample/...``, ``cv/default/...``, per fold); saved to
+``<out>/ensemble`` and, when the spec names a model, registered in the CV parent run and passed
+through the promotion gate (:mod:`bratstune.ensemble.promotion`), which compares it with the
+champion on the gate cases, never on these recorded numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import mlflow
 
 from bratstune.data.fingerprint import training_fingerprint
+from bratstune.data.splits import CaseRecord
 from bratstune.ensemble import promotion, registry
+from bratstune.ensemble.gate import GateSpec
 from bratstune.ensemble.member import Member
 from bratstune.ensemble.package import Ensemble
 from bratstune.search.crossval.decode_tuning import DecodeTuning
@@ -30,29 +35,60 @@ from bratstune.tracking.runs import git_commit
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METRIC", "Registration", "build_ensemble", "register"]
+__all__ = ["DEFAULT_METRIC", "Registration", "build_ensemble", "case_record", "register"]
 
-#: The ensemble metric promotion compares (pooled OOF lesion-wise Dice after threshold tuning).
-DEFAULT_METRIC = "cv/dice_lesion_mean"
+#: The ensemble's headline metric: pooled cross-fitted (out-of-sample) lesion-wise Dice. The
+#: promotion gate does not compare it; it scores both models on the gate cases.
+DEFAULT_METRIC = "cv/oos/dice_lesion_mean"
 
 
 def _metrics(tuning: DecodeTuning) -> dict[str, float]:
-    metrics = {**prefixed("cv/", tuning.tuned), **prefixed("cv/default/", tuning.default)}
-    for i, fold in enumerate(tuning.fold_metrics):
+    metrics = {
+        **prefixed("cv/oos/", tuning.oos),
+        **prefixed("cv/", tuning.oos),
+        **prefixed("cv/in_sample/", tuning.in_sample),
+        **prefixed("cv/default/", tuning.default),
+    }
+    for i, (fold, oos) in enumerate(zip(tuning.fold_metrics, tuning.fold_oos)):
         metrics.update(prefixed(f"cv/fold{i}/", {m: v for m, v in fold.items() if m.endswith("_mean")}))
-    if DEFAULT_METRIC not in metrics and "cv/dice_mean" in metrics:
+        metrics.update(prefixed(f"cv/fold{i}/oos/", {m: v for m, v in oos.items() if m.endswith("_mean")}))
+    if DEFAULT_METRIC not in metrics and "cv/oos/dice_mean" in metrics:
         logger.warning("no lesion-wise metric (unknown challenge): %s is not recorded", DEFAULT_METRIC)
     return metrics
 
 
-def _lineage(plan: FoldPlan, cv_run_id: str, search_run_id: str | None) -> dict[str, str]:
+def case_record(plan: FoldPlan, tuning: DecodeTuning) -> tuple[CaseRecord, list[CaseRecord]]:
+    """The ensemble's case record and each fold model's (trained, selected, decode tuned on, gate).
+
+    The deployed decode settings were tuned on every CV case; fold k's cross-fitted settings on
+    the other folds' cases only.
+    """
+    folds = []
+    for k in range(plan.k):
+        record = plan.fold_record(k)
+        record.tuned = list(tuning.fold_tuned_on[k])
+        folds.append(record)
+    ensemble = CaseRecord(
+        trained=sorted({c for r in folds for c in r.trained}),
+        selected=sorted({c for r in folds for c in r.selected}),
+        tuned=plan.cv_ids,
+        gate=plan.gate_ids,
+        extra={"selection_mode": plan.selection_mode},
+    )
+    return ensemble, folds
+
+
+def _lineage(plan: FoldPlan, cv_run_id: str, search_run_id: str | None, cases: CaseRecord) -> dict[str, str]:
     prepared = plan.prepared
     lineage = {
         "cv_run_id": cv_run_id,
         "data_fingerprint": prepared.fingerprint,
         "data_root": str(Path(prepared.root).absolute()),
         "folds": str(plan.k),
+        "cases": cases.dumps(),
     }
+    if plan.gate_root is not None:
+        lineage["gate_root"] = str(plan.gate_root)  # where the promotion gate finds the gate cases
     if search_run_id:
         lineage["search_run_id"] = search_run_id
     commit = git_commit().get("commit")
@@ -70,7 +106,7 @@ def build_ensemble(
     search_run_id: str | None = None,
     inference: Mapping[str, Any] | None = None,
 ) -> Ensemble:
-    """The fold models (``<out>/folds/fold<i>/best_model``) as one ensemble with the tuned decode."""
+    """The fold models (``<out>/folds/fold<i>/best_model``) as one ensemble with the deployed decode."""
     members = [
         Member.from_folder(out_dir / FOLDS_DIR / f"fold{i}" / BEST_DIR, plan.scheme, name=f"fold{i}")
         for i in range(plan.k)
@@ -82,7 +118,7 @@ def build_ensemble(
         inference=inference or None,
         decode=tuning.settings,
         training_fingerprint=training_fingerprint(c.fingerprint for c in plan.prepared.cases),
-        lineage=_lineage(plan, cv_run_id, search_run_id),
+        lineage=_lineage(plan, cv_run_id, search_run_id, case_record(plan, tuning)[0]),
         metrics=_metrics(tuning),
     )
 
@@ -101,18 +137,42 @@ class Registration:
 
 
 def register(
-    ensemble: Ensemble, name: str, *, parent_run_id: str, metric: str, promote: bool, force: bool
+    ensemble: Ensemble,
+    name: str,
+    *,
+    parent_run_id: str,
+    metric: str,
+    promote: bool,
+    force: bool,
+    gate: GateSpec | None = None,
 ) -> Registration:
-    """Register the ensemble in the CV parent run and (optionally) promote it through the gate."""
+    """Register the ensemble in the CV parent run and (optionally) pass it through the promotion gate.
+
+    The gate scores the candidate and the champion on the candidate's recorded gate split
+    (``lineage["cases"]``), with the cohort at ``lineage["data_root"]``.
+    """
+    cases = CaseRecord.from_json(ensemble.lineage.get("cases") or "{}")
     with mlflow.start_run(run_id=parent_run_id):
-        tags = {"cv_run_id": parent_run_id}
+        tags = {
+            "cv_run_id": parent_run_id,
+            "cases.gate": len(cases.gate),
+            "cases.trained": len(cases.trained),
+            "cases.selected": len(cases.selected),
+            "cases.tuned": len(cases.tuned),
+        }
         version = str(registry.register_ensemble(ensemble, name=name, metric=metric, tags=tags).version)
         done = Registration(f"{name}/{version}")
         mlflow.set_tags({"model.name": name, "model.version": version})
         if promote or force:
-            decision = promotion.promote(name, version, metric=metric, mode="max", force=force)
+            decision = promotion.promote(name, version, gate=gate, force=force)
             done.promotion = decision
             decided = "promoted" if decision.promoted else "rejected"
-            mlflow.set_tags({"promotion.decision": decided, "promotion.reason": decision.reason[:5000]})
+            mlflow.set_tags(
+                {
+                    "promotion.decision": decided,
+                    "promotion.reason": decision.reason[:5000],
+                    "promotion.forced": str(decision.forced).lower(),
+                }
+            )
     # mlflow.start_run(run_id=...) ended the parent FINISHED on exit; the caller's finally keeps that status
     return done

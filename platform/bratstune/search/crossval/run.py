@@ -4,8 +4,9 @@
 
     spec = CrossValSpec(folds=5, register="bratstune-gli", promote=True)
     outcome = cross_validate(best_config, Path("data/GLI"), spec)    # Ray must be initialised
-    outcome.ensemble_dir          # <out>/ensemble: Ensemble.load()-able, decode tuned on OOF
-    outcome.oof_metrics_tuned["dice_lesion_mean"]
+    outcome.ensemble_dir                      # <out>/ensemble: Ensemble.load()-able, decode tuned on all OOF
+    outcome.oos_metrics["dice_lesion_mean"]   # the honest (cross-fitted) estimate
+    outcome.in_sample_metrics["dice_lesion_mean"]   # the deployed decode on its own tuning cases
 
 Stages (one module each): folds (:mod:`~bratstune.search.crossval.folds`) -> fold trials
 (:mod:`~bratstune.search.crossval.fold_trials`) -> out-of-fold probabilities
@@ -16,10 +17,14 @@ Stages (one module each): folds (:mod:`~bratstune.search.crossval.folds`) -> fol
 
 Output folder (``<storage_path>/<name>``)::
 
-    folds/fold0/best_model/   fit's best/ folder of fold 0 (model.pt + config.yaml + metrics.json)
-    oof/<case_id>.npy         OOF probabilities of every case (exactly one file per case)
-    folds.json                case ids per fold
-    thresholds.yaml           tuned thresholds + post-processing
+    folds/fold0/best_model/   fold 0's model (model.pt + config.yaml + metrics.json)
+    folds/fold0/cases.json    what fold 0 trained, selected (epoch) and tuned (decode) on
+    oof/<case_id>.npy         OOF probabilities of every CV case (exactly one file per case)
+    folds.json                held-out case ids per fold
+    splits_final.json         the folds in nnU-Net's shape (replayable with splits: FILE)
+    gate.json                 the gate split (never used by the CV; the promotion gate's cases)
+    cases.json                the whole record (ensemble + per fold)
+    thresholds.yaml           deployed thresholds + post-processing, and the cross-fitted ones
     ensemble/                 the packaged ensemble
     fold0_.../                Tune's trial folders (checkpoints)
 
@@ -39,13 +44,15 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from bratstune import paths
+from bratstune.data.splits import write_json
+from bratstune.ensemble.gate import GateSpec
 from bratstune.ensemble.package import Ensemble
 from bratstune.inference.decode import DecodeSettings
 from bratstune.search.crossval.decode_tuning import DecodeTuning, tune_decode, write_thresholds
-from bratstune.search.crossval.fold_trials import CVContext, FoldRuns, train_folds
+from bratstune.search.crossval.fold_trials import FOLDS_DIR, CVContext, FoldRuns, train_folds
 from bratstune.search.crossval.folds import FoldPlan, plan_folds
-from bratstune.search.crossval.packaging import DEFAULT_METRIC, build_ensemble, register
-from bratstune.search.crossval.parent_run import log_decode_tuning, log_fold_metrics, start_cv_run
+from bratstune.search.crossval.packaging import DEFAULT_METRIC, build_ensemble, case_record, register
+from bratstune.search.crossval.parent_run import log_case_records, log_decode_tuning, log_fold_metrics, start_cv_run
 from bratstune.search.crossval.spec import CrossValSpec, training_config
 from bratstune.search.thresholds import settings_mapping
 from bratstune.tracking import runs as tracking
@@ -66,9 +73,15 @@ class CVOutcome:
         fold_metrics: per fold, OOF metrics of its held-out cases at default thresholds
             (``dice_lesion_<R>``, ``dice_<R>``, ``hd95_lesion_<R>``, ``..._mean``).
         oof_metrics_default: pooled OOF metrics, default thresholds (0.5, no post-processing).
-        oof_metrics_tuned: pooled OOF metrics with the tuned thresholds / post-processing.
-        decode: the tuned decode settings (:attr:`thresholds` and :attr:`postprocess` views).
+        oof_metrics_tuned: pooled OOF metrics with the deployed decode, on the cases it was tuned
+            on (in-sample: optimistic; the same as :attr:`in_sample_metrics`).
+        decode: the deployed decode settings (:attr:`thresholds` and :attr:`postprocess` views).
         parent_run_id: the CV parent MLflow run.
+        oos_metrics: pooled cross-fitted metrics: the honest estimate of the tuned pipeline.
+        fold_oos_metrics: per fold, its cross-fitted metrics.
+        oos_cases: per case, its cross-fitted metrics.
+        cases: the ensemble's case record (``cases.json``): trained, selected, tuned, gate.
+        gate: the gate split's case ids.
     """
 
     ensemble_dir: Path
@@ -85,7 +98,17 @@ class CVOutcome:
     folds: list[list[str]] = field(default_factory=list)
     metric: str = DEFAULT_METRIC
     registered: str | None = None  # "NAME/VERSION"
-    promotion: Any = None  # bratstune.ensemble.registry.Promotion
+    promotion: Any = None  # bratstune.ensemble.promotion.Promotion
+    oos_metrics: dict[str, float] = field(default_factory=dict)
+    fold_oos_metrics: list[dict[str, float]] = field(default_factory=list)
+    oos_cases: dict[str, dict[str, float]] = field(default_factory=dict)
+    cases: dict[str, Any] = field(default_factory=dict)
+    gate: list[str] = field(default_factory=list)
+
+    @property
+    def in_sample_metrics(self) -> dict[str, float]:
+        """The deployed decode on the cases it was tuned on (optimistic)."""
+        return self.oof_metrics_tuned
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -139,7 +162,11 @@ def _outcome(
         experiment_id=session.experiment_id,
         fold_run_ids=runs.run_ids,
         folds=plan.fold_ids,
-        metric=DEFAULT_METRIC if DEFAULT_METRIC in ensemble.metrics else "cv/dice_mean",
+        metric=DEFAULT_METRIC if DEFAULT_METRIC in ensemble.metrics else "cv/oos/dice_mean",
+        oos_metrics=tuning.oos,
+        fold_oos_metrics=tuning.fold_oos,
+        oos_cases=tuning.case_metrics,
+        gate=plan.gate_ids,
     )
 
 
@@ -166,12 +193,16 @@ def _run_stages(
         parent_run_id=parent_run_id,
         cpus=float(spec.resources.cpu),
         fit_fn=fit_fn,
+        held_out=plan.held_out_handles,
+        selection=plan.selection_mode,
     )
     resources = spec.resources.as_tune()
     runs = train_folds(ctx, resources=resources, epochs=config.epochs, storage=session.storage, verbose=verbose)
     tuning = tune_decode(plan, out_dir, space=spec.threshold_space, trials=spec.threshold_trials)
     log_fold_metrics(client, parent_run_id, runs, tuning)
     log_decode_tuning(client, parent_run_id, runs, tuning, write_thresholds(out_dir, tuning))
+    record = _write_case_records(out_dir, plan, tuning)
+    log_case_records(client, parent_run_id, runs, record, record["folds"])
     ensemble = build_ensemble(
         out_dir, plan, tuning, cv_run_id=parent_run_id, search_run_id=spec.search_run_id, inference=spec.inference
     )
@@ -179,19 +210,31 @@ def _run_stages(
     client.set_tag(parent_run_id, "ensemble.dir", str(ensemble_dir))
     client.set_tag(parent_run_id, "ensemble.digest", ensemble.digest or "")
     outcome = _outcome(session, parent_run_id, plan, runs, tuning, ensemble)
+    outcome.cases = record
     if spec.register:
-        options = {"metric": outcome.metric, "promote": spec.promote, "force": spec.force}
+        options = {"metric": outcome.metric, "promote": spec.promote, "force": spec.force, "gate": spec.gate}
         done = register(ensemble, spec.register, parent_run_id=parent_run_id, **options)
         outcome.registered, outcome.promotion = done.registered, done.promotion
     logger.info(
-        "cross-validation %s: pooled OOF %s %.4f tuned (%.4f default); ensemble %s",
+        "cross-validation %s: %s %.4f out-of-sample (cross-fitted), %.4f in-sample, %.4f default; ensemble %s",
         session.name,
         tuning.metric,
-        tuning.tuned.get(tuning.metric, float("nan")),
+        tuning.oos.get(tuning.metric, float("nan")),
+        tuning.in_sample.get(tuning.metric, float("nan")),
         tuning.default.get(tuning.metric, float("nan")),
         ensemble_dir,
     )
     return outcome
+
+
+def _write_case_records(out_dir: Path, plan: FoldPlan, tuning: DecodeTuning) -> dict[str, Any]:
+    """``<out>/cases.json`` (the ensemble's record + every fold's) and ``folds/fold<i>/cases.json``."""
+    ensemble, folds = case_record(plan, tuning)
+    for k, record in enumerate(folds):
+        record.write(out_dir / FOLDS_DIR / f"fold{k}" / "cases.json")
+    payload = {**ensemble.to_json(), "folds": [r.to_json() for r in folds]}
+    write_json(out_dir / "cases.json", payload)
+    return payload
 
 
 def cross_validate(
@@ -226,7 +269,18 @@ def cross_validate(
     spec = spec or CrossValSpec()
     train_config = training_config(config, spec)
     plan = plan_folds(
-        train_config, data_root, k=spec.folds, seed=spec.seed, cache_root=cache_root, workers=spec.workers
+        train_config,
+        data_root,
+        k=spec.folds,
+        seed=spec.seed,
+        cache_root=cache_root,
+        workers=spec.workers,
+        selection=spec.selection,
+        inner_val_fraction=spec.inner_val_fraction,
+        gate_fraction=spec.gate_fraction,
+        gate_cases=spec.gate_cases,
+        splits=spec.splits,
+        gate_data=spec.gate_data,
     )
     session = _session(spec, tracking_uri, experiment_id)
     plan.write(session.out_dir)
@@ -257,12 +311,16 @@ def demo_cross_validate(
     threshold_trials: int = 20,
     search_run_id: str | None = None,
     verbose: int = 0,
+    selection: str = "fixed",
+    gate_fraction: float = 0.2,
 ) -> CVOutcome:
     """The ``make demo`` cross-validation after the loss search: ``folds`` small CPU folds of ``config``.
 
     Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``);
     ``config`` is typically ``demo_search(...).best_config``. Registers and promotes the ensemble
-    as ``register`` (skipped when ``None``).
+    as ``register`` (skipped when ``None``). Each fold trains ``epochs`` epochs and keeps the last
+    weights (``selection: fixed``) unless told otherwise; ``gate_fraction`` of the cohort is kept
+    out for the promotion gate, which scores without test-time views (the same for both models).
     """
     plain = load_train_config(config).to_dict()
     plain["steps_per_epoch"] = int(steps)
@@ -277,5 +335,8 @@ def demo_cross_validate(
         register=register,
         promote=register is not None,
         search_run_id=search_run_id,
+        selection=selection,
+        gate_fraction=gate_fraction,
+        gate=GateSpec(tta=False),
     )
     return cross_validate(plain, Path(cohort), spec, verbose=verbose)

@@ -4,9 +4,17 @@ A spec is data, read like a search space or a training config (YAML or the job's
 keys answered with the nearest valid one)::
 
     folds: 5                      # k (2 <= k <= labelled cases)
-    seed: 0                       # fold assignment
+    seed: 0                       # fold assignment (and the gate and inner splits)
+    splits: null                  # nnU-Net splits_final.json: entry i is fold i (its val = held-out cases)
+    selection: inner              # each fold's epoch: inner (chosen on an inner validation split of
+                                  #   the fold's own training cases) | fixed (all `epochs`, last weights)
+    inner_val_fraction: 0.2       # share of a fold's training cases that choose its epoch (inner)
+    gate_fraction: 0.2            # cases kept out of the whole CV for the promotion gate (0: none)
+    gate_cases: null              # a JSON file listing the gate case ids instead (list, or {"gate": [...]})
+    gate_data: null               # or a separate labelled folder as the gate split (the whole cohort is CV'd)
+    gate: {}                      # the promotion gate (bratstune.ensemble.promotion.GateSpec: metric, margin ...)
     epochs: null                  # override the config's epochs
-    threshold_trials: 100         # decode-tuning trials on the pooled out-of-fold probabilities
+    threshold_trials: 100         # decode-tuning trials per search (k cross-fitted + 1 deployed)
     threshold_space: null         # a kind: thresholds YAML (default DEFAULT_THRESHOLD_SPACE)
     resources: {cpu: 1, gpu: 0}   # per fold trial (num_threads follows cpu)
     smoke: false                  # shrink the config to a seconds-long CPU run
@@ -19,6 +27,12 @@ keys answered with the nearest valid one)::
     workers: 1                    # processes preprocessing the cohort
     search_run_id: null           # lineage: the search the config comes from
     inference: {}                 # the ensemble's InferenceConfig (default TTA flips, overlap 0.5)
+
+Which cases do what (:mod:`~bratstune.search.crossval.folds`): the gate cases are drawn first and
+never touched by the CV; the remaining cases are cut into k folds; fold i trains on the other
+folds' cases, picks its epoch on an inner split of those (``selection: inner``) or on nothing
+(``fixed``), and predicts its held-out cases, whose decode settings are then tuned on the other
+folds' out-of-fold probabilities (cross-fitting, :mod:`~bratstune.search.crossval.decode_tuning`).
 
 The training config comes separately: a YAML file, a preset or a search's ``best_config.yaml``
 (:func:`resolve_config`), adjusted by the spec (:func:`training_config`).
@@ -34,7 +48,8 @@ from typing import Any
 import mlflow
 import yaml
 
-from bratstune.config_utils import apply_overrides, from_dict, load_yaml
+from bratstune.config_utils import apply_overrides, check_choice, from_dict, load_yaml
+from bratstune.ensemble.promotion import GateSpec
 from bratstune.errors import ConfigError, DataError
 from bratstune.presets import load_preset
 from bratstune.search.sections import ResourceSpec
@@ -42,6 +57,7 @@ from bratstune.training.config import TrainConfig, load_train_config
 
 __all__ = [
     "DEFAULT_THRESHOLD_SPACE",
+    "SELECTIONS",
     "SMOKE_OVERRIDES",
     "CrossValSpec",
     "config_from_search",
@@ -70,6 +86,9 @@ DEFAULT_THRESHOLD_SPACE: dict[str, Any] = {
     },
 }
 
+#: How a fold picks its epoch: on an inner split of its training cases, or not at all.
+SELECTIONS = ("inner", "fixed")
+
 #: What ``smoke: true`` writes over the config: a tiny, fast CPU run.
 SMOKE_OVERRIDES: dict[str, Any] = {
     "model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supervision": False}},
@@ -88,6 +107,13 @@ class CrossValSpec:
 
     folds: int = 5
     seed: int = 0
+    splits: str | Path | None = None
+    selection: str = "inner"
+    inner_val_fraction: float = 0.2
+    gate_fraction: float = 0.2
+    gate_cases: str | Path | None = None
+    gate_data: str | Path | None = None
+    gate: GateSpec = field(default_factory=GateSpec)
     epochs: int | None = None
     threshold_trials: int = 100
     threshold_space: str | Path | None = None
@@ -112,6 +138,11 @@ class CrossValSpec:
             raise ConfigError(f"epochs: expected >= 1 (or null: the config's epochs), got {self.epochs!r}")
         if self.workers < 1:
             raise ConfigError(f"workers: expected >= 1, got {self.workers!r}")
+        check_choice(self.selection, SELECTIONS, "selection")
+        if not 0.0 < self.inner_val_fraction < 1.0:
+            raise ConfigError(f"inner_val_fraction: expected 0 < value < 1, got {self.inner_val_fraction!r}")
+        if not 0.0 <= self.gate_fraction < 1.0:
+            raise ConfigError(f"gate_fraction: expected 0 <= value < 1 (0: no gate split), got {self.gate_fraction!r}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None, *, where: str = "cross-validation spec") -> CrossValSpec:
