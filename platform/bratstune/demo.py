@@ -11,7 +11,9 @@ reused; every run and model lands in MLflow under `.bratstune/`.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -64,7 +66,43 @@ class _Step:
         print(f"--- {time.perf_counter() - self.start:.0f} s", flush=True)
 
 
-def _train(cli: Any, cohort: Path, config: DemoConfig) -> int:
+class _Scores:
+    """Each model-producing step's mean lesion-wise Dice (brats2023), printed next to the previous ones."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float | None]] = []
+
+    def add(self, step: str, value: float | None) -> None:
+        previous = self.rows[-1] if self.rows else None
+        self.rows.append((step, value))
+        text = f"lesion-wise Dice (mean WT/TC/ET): {_fmt(value)}"
+        if previous is not None:
+            text += f"   (previous step, {previous[0]}: {_fmt(previous[1])})"
+        print(text, flush=True)
+
+    def print(self) -> None:
+        print("\nlesion-wise Dice of every model the demo produced (brats2023 rules):")
+        for step, value in self.rows:
+            print(f"  {_fmt(value):>6}  {step}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _best_metric(train_out: Path, name: str = "val/dice_lesion_mean") -> float | None:
+    """The best epoch's metric of a ``bratstune train`` output folder (``best/metrics.json``)."""
+    path = train_out / "best" / "metrics.json"
+    return json.loads(path.read_text()).get(name) if path.is_file() else None
+
+
+def _mean_of(summary: dict[str, dict[str, float]], key: str, regions: tuple[str, ...] = ("WT", "TC", "ET")) -> float:
+    """Mean over regions of one per-region metric of ``bratstune evaluate --json``'s summary."""
+    values = [summary[r][key] for r in regions if r in summary and key in summary[r]]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _train(cli: Any, cohort: Path, config: DemoConfig, out: Path) -> int:
     return cli(
         [
             "train",
@@ -84,6 +122,8 @@ def _train(cli: Any, cohort: Path, config: DemoConfig) -> int:
             str(config.workers),
             "--run-name",
             "demo-unet",
+            "--out",
+            str(out),
         ]
     )
 
@@ -98,6 +138,7 @@ def run_demo(
     import ray  # noqa: PLC0415
 
     started = time.perf_counter()
+    scores = _Scores()
     with _Step(f"1. synthetic {config.challenge} cohort ({config.cases} cases, {config.anatomy} anatomy)"):
         cohort = synthetic_cohort(
             cases=config.cases, shape=None, anatomy=config.anatomy, challenge=config.challenge, seed=config.seed
@@ -107,8 +148,10 @@ def run_demo(
         if cli(["inspect", str(cohort), "--workers", str(config.workers)]) != 0:
             return 1
     with _Step(f"3. bratstune train (unet, {config.train_epochs} epochs x {config.train_steps} steps)"):
-        if _train(cli, cohort, config) != 0:
+        train_out = paths.results_dir() / "demo-train"
+        if _train(cli, cohort, config, train_out) != 0:
             return 1
+        scores.add("3. one unet (held-out validation cases)", _best_metric(train_out))
 
     ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env=runtime_env or {}, log_to_driver=False)
     try:
@@ -117,7 +160,8 @@ def run_demo(
             outcome = search.demo_search(
                 space, cohort, num_samples=config.search_trials, epochs=config.search_epochs, verbose=1
             )
-            print(f"best val/dice_mean {outcome.best_metric:.3f} with {outcome.best_values}")
+            print(f"best val/dice_lesion_mean {_fmt(outcome.best_metric)} with {outcome.best_values}")
+            scores.add("4. best search trial (its validation cases, dust removed)", outcome.best_metric)
         with _Step(f"5. {config.folds}-fold cross-validated ensemble of the best config, tuned thresholds, promotion"):
             cv = crossval.demo_cross_validate(
                 cohort,
@@ -130,6 +174,7 @@ def run_demo(
                 threshold_trials=config.threshold_trials,
             )
             print(f"ensemble: {cv.ensemble_dir}")
+            scores.add("5. CV ensemble (cross-fitted, out of sample)", cv.oos_metrics.get("dice_lesion_mean"))
     finally:
         ray.shutdown()
     with _Step("6. registry"):
@@ -162,10 +207,29 @@ def run_demo(
         )
         if code != 0:
             return code
+    with _Step("8. the champion scored on the new cohort (its labels are used for this report only)"):
+        reference = out / "reference_scores.json"
+        cli(
+            [
+                "evaluate",
+                "--pred",
+                str(out),
+                "--gt",
+                str(inbox),
+                "--challenge",
+                config.challenge,
+                "--json",
+                str(reference),
+            ]
+        )
+        summary = json.loads(reference.read_text()).get("summary", {})
+        scores.add("8. champion on the new cohort", _mean_of(summary, "lesionwise_dice"))
+        print(f"lesion-wise HD95 mean on the new cohort: {_mean_of(summary, 'lesionwise_hd95'):.1f} mm")
+    scores.print()
 
     print(f"\n=== done in {(time.perf_counter() - started) / 60:.1f} min ===")
     print(f"segmentations and predictions.csv: {out}")
     print(f"QC report:                         {out / 'report.html'}")
     print(f"everything else:                   {paths.home()}")
-    print(f"compare the runs:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{paths.home() / 'mlflow.db'}")
+    print(f"compare the trials: {outcome.ui_command}")
     return 0
