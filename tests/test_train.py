@@ -7,6 +7,7 @@ to about 18x24x28 around the brain) and 24-32^3 patches; the whole file takes ab
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -229,6 +230,50 @@ def test_init_from_weights_and_frozen_encoder(unet_run, cohort, tmp_path):
     for name in frozen:  # loaded and kept frozen (running statistics included)
         assert torch.equal(trained[name], weights[name]), name
     assert not torch.equal(trained["output_block.conv.conv.weight"], weights["output_block.conv.conv.weight"])
+
+
+_CRASH = """
+import os, sys, torch
+from bratstune.training import checkpoint
+folder, stage = sys.argv[1], sys.argv[2]
+model = torch.nn.Linear(2, 1)
+torch.nn.init.constant_(model.weight, 2.0)
+real_replace = os.replace
+def crash(src, dst):  # die for real (no finally, no atexit) at the chosen step
+    if stage == "between-renames" and str(src).endswith(".tmp"):
+        os._exit(3)
+    real_replace(src, dst)
+checkpoint.os.replace = crash
+if stage == "while-writing":
+    checkpoint.torch.save = lambda *a, **k: os._exit(3)
+checkpoint.save_best(folder, model=model, config={"v": 2}, metrics={})
+"""
+
+
+@pytest.mark.parametrize("stage, expected", [("while-writing", 1.0), ("between-renames", 2.0)])
+def test_a_crash_while_replacing_a_checkpoint_leaves_a_complete_folder(tmp_path, stage, expected):
+    """Unique temp names; killed mid-write: the old folder; killed between the renames: the new one."""
+    import subprocess
+    import sys
+
+    from bratstune.training.checkpoint import recover_dir, resolve_state_file, save_best
+
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.constant_(model.weight, 1.0)
+    folder = tmp_path / "best"
+    save_best(folder, model=model, config={"v": 1}, metrics={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no .tmp / .old left by a clean write
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(folder), stage], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name != "best")
+    assert hidden and all(re.fullmatch(r"\.best\.\d+-[0-9a-f]{32}\.(tmp|old)", h) for h in hidden), hidden
+    assert (folder.exists(), stage) in ((True, "while-writing"), (False, "between-renames"))
+    recover_dir(folder)
+    weights = torch.load(folder / "model.pt", weights_only=True)["weight"]
+    assert torch.all(weights == expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"], "the dead writer's folders were not removed"
+    with pytest.raises(DataError, match="no training checkpoint"):
+        resolve_state_file(folder)  # a best-model folder is no checkpoint; the check itself runs recovery
 
 
 def test_label_mode_and_validation_every_n_epochs(cohort, tmp_path):

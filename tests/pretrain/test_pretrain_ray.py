@@ -211,6 +211,8 @@ def test_registered_encoder_loads_into_unetr_with_every_tensor_accounted_for(run
     from bratstune.models.encoder_init import load_encoder_weights
     from bratstune.tracking.artifacts import resolve_artifact
 
-    assert load_encoder_weights(
-        model, resolve_artifact(runs["summary"]["run_id"], default_artifact="encoder").path
-    ).complete
+    resolved = resolve_artifact(runs["summary"]["run_id"], default_artifact="encoder")
+    try:
+        assert load_encoder_weights(model, resolved.path).complete
+    finally:
+        resolved.cleanup()  # the caller owns a temporary download

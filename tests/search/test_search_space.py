@@ -181,3 +181,53 @@ def test_demo_variant_is_small_and_uses_asha():
     spec = demo_variant(load_search_space(ROOT / "search_spaces" / "losses.yaml"))
     assert spec.num_samples == 6 and spec.scheduler.type == "asha" and spec.max_t == 4
     assert spec.base_config().epochs == 4 and spec.resources.gpu == 0
+
+
+# -- expressions: bounded cost ------------------------------------------------------------------
+
+
+def test_a_tower_of_powers_in_yaml_fails_fast_with_one_line(tmp_path):
+    import time
+
+    path = tmp_path / "space.yaml"
+    raw = _minimal(params={"loss.beta": {"distribution": "derived", "expr": "9**9**9"}})
+    path.write_text(yaml.safe_dump(raw))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_search_space(path)
+    assert time.perf_counter() - start < 5.0
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "params.loss.beta.expr" in message
+    assert "literal exponent" in message
+
+
+@pytest.mark.parametrize(
+    "expr, message",
+    [
+        ("2 ** 100", "literal exponent"),
+        ("loss.alpha ** loss.alpha", "literal exponent"),
+        ("(2 ** 8) ** 9", "literal exponent"),
+        ("1 + " * 80 + "1", "at most 200"),
+        ("abs(" * 20 + "1" + ")" * 20, "nests deeper"),
+        ("-" * 40 + "1", "nests deeper"),
+        ("max(1, key=2)", "unsupported"),
+        ("True + 1", "unsupported"),
+    ],
+)
+def test_expressions_beyond_the_bounds_are_refused(expr, message):
+    from bratstune.search.params import Expression
+
+    with pytest.raises(ConfigError, match=message):
+        Expression.parse(expr, "space.yaml: params.x.expr")
+
+
+def test_small_powers_still_work_and_overflow_is_a_config_error():
+    from bratstune.search.params import Expression
+
+    values = {"loss.alpha": 0.3}
+    assert Expression.parse("1 - loss.alpha ** 2", "e").evaluate(values.get) == pytest.approx(0.91)
+    assert Expression.parse("2 ** -3", "e").evaluate(values.get) == 0.125
+    with pytest.raises(ConfigError, match="cannot evaluate"):
+        Expression.parse("1e300 ** 8", "e").evaluate(values.get)
+    with pytest.raises(ConfigError, match="cannot evaluate"):
+        Expression.parse("1 / (loss.alpha - 0.3)", "e").evaluate(values.get)

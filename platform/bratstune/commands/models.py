@@ -1,4 +1,8 @@
-"""`bratstune models list [--name NAME]`: registered ensembles, versions, aliases and metrics."""
+"""`bratstune models list [--name NAME]`: registered ensembles, versions, aliases and metrics.
+
+A version registered before package digests were recorded is marked: loading it is refused,
+and the line says how to re-register it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import math
 import mlflow
 
 from bratstune.ensemble.registry import list_models
+from bratstune.integrity import REREGISTER_HINT
 from bratstune.tracking.runs import tracking_uri
 
 
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             f"{row['name']:<24} {row['version']:>7}  {aliases:<20} {str(row['metric'] or '-'):<24} "
             f"{_fmt(row['value']):>8}  {row['created']:<16} {row['run_id'] or '-'}"
         )
+        if not row["verifiable"]:
+            print(f"{'':<34}old package (no recorded digest): loading it is refused; {REREGISTER_HINT}")
         if args.all_metrics:
             for key, value in sorted(row["metrics"].items()):
                 print(f"{'':<34}{key:<34} {_fmt(value)}")

@@ -9,6 +9,11 @@ challenge's scheme, with nothing left to remember at prediction time:
   Gaussian blending, test-time flips / rotations), mean of probabilities;
 * the decode settings (:class:`bratstune.inference.decode.DecodeSettings`: per-region thresholds and
   post-processing), the label scheme, the required modalities and the preprocessing config;
+* the model grid: the voxel size (``target_spacing``, mm) and ``orientation`` the members were
+  trained in. :meth:`Ensemble.segment` reorients and resamples every input to it, runs the
+  members there and brings the *probabilities* back to the input grid before thresholding;
+* out-of-fold statistics of predicted volumes and lesion counts
+  (:func:`bratstune.predict.plausibility.oof_statistics`), for cohort-level plausibility flags;
 * the training data's fingerprint (drift check), lineage (search / CV run ids, data
   fingerprint, git commit) and validation metrics.
 
@@ -36,6 +41,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,11 +57,13 @@ from bratstune.data.cohort import preprocess_config
 from bratstune.data.preprocess import HistogramReference, preprocess_case
 from bratstune.ensemble.manifest import manifest_digest, verify_manifest, write_manifest
 from bratstune.ensemble.member import Member
+from bratstune.ensemble.model_grid import hierarchy_drops, input_grid_settings, model_grid, recorded_preprocess
 from bratstune.errors import ConfigError, DataError
 from bratstune.inference.decode import DecodeSettings
 from bratstune.inference.outputs import decode_prediction
 from bratstune.inference.postprocess import PostprocessConfig
 from bratstune.inference.sliding_window import InferenceConfig, ensemble_probabilities, probabilities_on_grid
+from bratstune.integrity import safe_join
 from bratstune.labels import get_scheme
 from bratstune.models.network import NetworkSpec, build_network, load_model_weights
 
@@ -80,13 +88,18 @@ class Segmentation:
         labels: uint8 ``(X, Y, Z)`` on the input grid, in the ensemble's scheme.
         fingerprint: the case's intensity/geometry fingerprint (drift check).
         timings: seconds per stage: ``preprocess``, ``network``, ``postprocess``.
-        bbox: the preprocessing crop on the input grid.
+        bbox: the preprocessing crop on the model grid.
+        hierarchy: region mode: per decode step that lies inside a parent region (``ET`` inside
+            ``TC`` ...), ``{"parent", "predicted", "dropped"}``: voxels whose probability passed the
+            region's threshold, and how many of them lay outside the thresholded parent (the
+            hierarchical decode drops those; e.g. "ET without TC").
     """
 
     labels: np.ndarray
     fingerprint: dict[str, Any]
     timings: dict[str, float]
     bbox: tuple[slice, slice, slice]
+    hierarchy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _member(item: Any, i: int, scheme: Any, in_channels: int) -> Member:
@@ -150,6 +163,7 @@ class Ensemble:
     metrics: dict[str, float] = field(default_factory=dict)
     reference: Any = None
     digest: str | None = None  # SHA-256 of manifest.json once saved/loaded
+    oof_statistics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_members(
@@ -168,6 +182,7 @@ class Ensemble:
         lineage: Mapping[str, Any] | None = None,
         metrics: Mapping[str, float] | None = None,
         reference: Any = None,
+        oof_statistics: Mapping[str, Any] | None = None,
     ) -> Ensemble:
         """Assemble an ensemble and check that its members agree.
 
@@ -177,6 +192,9 @@ class Ensemble:
             challenge: BraTS challenge (``GLI`` ...), recorded for naming and metrics.
             modalities: required input modalities; default all four (``MODALITIES``).
             preprocess: ``PreprocessConfig`` (or mapping); default the members' ``data.preprocess``.
+                Its ``target_spacing`` / ``orientation`` (the model grid) come from
+                ``training_fingerprint["grid"]`` when that is recorded (the grid the training cases
+                were actually prepared on); without either, inputs run at their own spacing.
             inference: sliding-window / TTA settings; a mapping (or the default) starts from
                 :data:`ENSEMBLE_INFERENCE` (test-time flips, overlap 0.5).
             decode: thresholds + post-processing (``DecodeSettings`` or its nested mapping);
@@ -187,6 +205,8 @@ class Ensemble:
             lineage: search / CV run ids, data fingerprint, git commit ... (strings).
             metrics: validation metrics of the ensemble (e.g. ``val/dice_mean``).
             reference: ``HistogramReference`` when the preprocessing matches histograms.
+            oof_statistics: :func:`bratstune.predict.plausibility.oof_statistics` of the members'
+                out-of-fold predictions (cohort-level plausibility flags).
 
         Raises:
             ConfigError: no member, members with different output modes or preprocessing, bad thresholds.
@@ -209,6 +229,7 @@ class Ensemble:
             preprocess = dict(built[0].spec.preprocess)
         if not hasattr(preprocess, "fingerprint"):
             preprocess = preprocess_config(preprocess)
+        preprocess = model_grid(preprocess, training_fingerprint or {})
         if preprocess.histogram_match is not None and reference is None:
             raise ConfigError("the preprocessing matches histograms: pass reference=HistogramReference(...)")
         names = [m.name for m in built]
@@ -227,7 +248,18 @@ class Ensemble:
             lineage={str(k): str(v) for k, v in (lineage or {}).items()},
             metrics={str(k): float(v) for k, v in (metrics or {}).items()},
             reference=reference,
+            oof_statistics=dict(oof_statistics or {}),
         )
+
+    @property
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """Voxel size (mm) of the model grid the members run on (``None``: each input's own spacing)."""
+        return self.preprocess.target_spacing
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the model grid (``"RAS"``)."""
+        return str(self.preprocess.orientation)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -275,23 +307,27 @@ class Ensemble:
         return decode_prediction(probs, self.scheme, self.mode, self.decode_settings)
 
     def segment(self, data: Any, *, device: torch.device | str = "cpu") -> Segmentation:
-        """Label map of a loaded case (``bratstune.data.case.CaseData``) on its own grid."""
+        """Label map of a loaded case (``bratstune.data.case.CaseData``) on its own grid.
+
+        The case is reoriented and resampled to the model grid (:attr:`target_spacing`,
+        :attr:`orientation`), the members run there, and their mean probabilities are brought back
+        to the input grid (linear) *before* the decode; dust sizes (voxels of the model grid)
+        are scaled to the input's voxel volume. A label the case may carry is ignored: labels are
+        never resampled here.
+        """
         t0 = time.perf_counter()
-        image = self.select_channels(data)
-        view = (
-            CaseData(data.case, image, None, data.affine, data.header, data.spacing)
-            if image is not data.image
-            else data
-        )
+        view = CaseData(data.case, self.select_channels(data), None, data.affine, data.header, data.spacing)
         pre = preprocess_case(view, self.preprocess, reference=self.reference)
         t1 = time.perf_counter()
         probs = self.probabilities(pre.image, device=device)
         t2 = time.perf_counter()
-        grid = probabilities_on_grid(probs, pre.bbox, pre.original_shape, mode=self.mode)
-        labels = self.decode(grid)
+        grid = probabilities_on_grid(probs, pre.bbox, pre.original_shape, mode=self.mode, grid=pre.grid)
+        settings = input_grid_settings(self.decode_settings, pre.grid)
+        labels = decode_prediction(grid, self.scheme, self.mode, settings)
+        hierarchy = hierarchy_drops(grid, self.scheme, settings.thresholds) if self.mode == "region" else {}
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "network": t2 - t1, "postprocess": t3 - t2}
-        return Segmentation(labels, dict(pre.fingerprint), timings, pre.bbox)
+        return Segmentation(labels, dict(pre.fingerprint), timings, pre.bbox, hierarchy)
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -306,6 +342,8 @@ class Ensemble:
             "mode": self.mode,
             "modalities": list(self.modalities),
             "preprocess": to_dict(self.preprocess),
+            "target_spacing": list(self.target_spacing) if self.target_spacing is not None else None,
+            "orientation": self.orientation,
             "inference": self.inference.to_dict(),
             "thresholds": decode["thresholds"],
             "postprocess": decode["postprocess"],
@@ -319,6 +357,7 @@ class Ensemble:
                 for i, m in enumerate(self.members)
             ],
             "training_fingerprint": self.training_fingerprint,
+            "oof_statistics": self.oof_statistics,
             "lineage": dict(self.lineage),
             "metrics": dict(self.metrics),
             "histogram_reference": REFERENCE_FILE if self.reference is not None else None,
@@ -327,8 +366,8 @@ class Ensemble:
     def save(self, folder: Path | str) -> Path:
         """Write the package folder (atomically: temp folder + rename) and its manifest."""
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"  # this writer's own temp names
+        tmp = folder.with_name(f".{folder.name}.{token}.tmp")
         (tmp / MEMBERS_DIR).mkdir(parents=True)
         payload = self.to_json()
         for member, entry in zip(self.members, payload["members"]):
@@ -338,10 +377,11 @@ class Ensemble:
             self.reference.save(tmp / REFERENCE_FILE)
         (tmp / ENSEMBLE_FILE).write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
         write_manifest(tmp)
+        old = folder.with_name(f".{folder.name}.{token}.old")
         if folder.exists():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, old)  # then the new one in; the old one goes last
         os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
         self.digest = manifest_digest(folder)
         logger.info("saved ensemble of %d member(s) to %s", len(self.members), folder)
         return folder
@@ -369,23 +409,29 @@ class Ensemble:
         modalities = tuple(payload["modalities"])
         members = []
         for entry in payload["members"]:
+            weights = safe_join(folder, entry["weights"], what="member weights")  # never outside the package
+            if weights.suffix != ".safetensors":
+                raise DataError(
+                    folder / ENSEMBLE_FILE, f"member weights {entry['weights']!r}: expected a .safetensors file"
+                )
             model = build_network(NetworkSpec.from_config(entry["config"]), scheme, in_channels=len(modalities))
-            load_model_weights(model, folder / entry["weights"])
+            load_model_weights(model, weights)
             members.append(Member(entry["name"], entry["config"], model.eval(), dict(entry.get("metrics") or {})))
         reference = None
         if payload.get("histogram_reference"):
-            reference = HistogramReference.load(folder / payload["histogram_reference"])
+            reference = HistogramReference.load(safe_join(folder, payload["histogram_reference"], what="reference"))
         decode = {"thresholds": payload["thresholds"], "postprocess": payload["postprocess"]}
         return cls(
             members=members,
             scheme=scheme,
             mode=payload["mode"],
             modalities=modalities,
-            preprocess=preprocess_config(payload["preprocess"]),
+            preprocess=recorded_preprocess(folder / ENSEMBLE_FILE, payload),
             inference=InferenceConfig.from_mapping(payload["inference"], mode=payload["mode"]),
             decode_settings=DecodeSettings.from_mapping(decode),
             challenge=payload.get("challenge"),
             training_fingerprint=payload.get("training_fingerprint") or {},
+            oof_statistics=dict(payload.get("oof_statistics") or {}),
             lineage=dict(payload.get("lineage") or {}),
             metrics=dict(payload.get("metrics") or {}),
             reference=reference,
@@ -397,5 +443,7 @@ class Ensemble:
         return (
             f"{len(self.members)} member(s) [{', '.join(m.name for m in self.members)}], {self.mode} mode, "
             f"scheme {self.scheme.name}, {len(self.inference.views())} TTA view(s), window {roi}, "
-            f"overlap {self.inference.overlap}, {self.inference.blend} blending"
+            f"overlap {self.inference.overlap}, {self.inference.blend} blending, model grid "
+            f"{'x'.join(f'{v:g}' for v in self.target_spacing) + ' mm' if self.target_spacing else 'native'} "
+            f"{self.orientation}"
         )

@@ -1,10 +1,11 @@
 """The MLflow ``pyfunc`` face of a packaged ensemble (:class:`EnsembleModel`).
 
 Its only artifact is the ensemble folder of :meth:`bratstune.ensemble.package.Ensemble.save`
-(safetensors weights + JSON + SHA-256 manifest, checked when the model loads); the ``bratstune``
-package travels as ``code_paths``, so ``mlflow.pyfunc.load_model("models:/bratstune-gli@champion")``
-works in a fresh process. MLflow pickles the class by its module path
-(``bratstune.ensemble.pyfunc.EnsembleModel``).
+(safetensors weights + JSON + SHA-256 manifest); the ``bratstune`` package travels as ``code/``,
+so ``mlflow.pyfunc.load_model("models:/bratstune-gli@champion")`` works in a fresh process.
+Nothing is pickled: the registered model is *models-from-code*, its code file
+:mod:`bratstune.integrity` verifies every file of the package against the digest recorded at
+registration and only then imports this class (see :mod:`bratstune.tracking.model_package`).
 
 Input (``model.predict``): a raw image ``numpy`` array ``(C, X, Y, Z)`` in the model's modality
 order returns uint8 labels ``(X, Y, Z)`` (``model.unwrap_python_model().predict_probabilities(image)``:

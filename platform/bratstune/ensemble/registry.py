@@ -1,13 +1,19 @@
 """The MLflow model registry side of ensembles: register, load, list.
 
-* :func:`register_ensemble`: log the ensemble as a ``pyfunc`` model
-  (:class:`bratstune.ensemble.pyfunc.EnsembleModel`) in the active run and register a new version
-  of ``name`` (one registered model per challenge, :func:`default_model_name`), tagged with
-  lineage (``lineage.*``), metrics (``metric.<name>``), the selection metric and the package digest.
+* :func:`register_ensemble`: log the ensemble as a *models-from-code* ``pyfunc`` model (the
+  code file :mod:`bratstune.integrity` verifies the package, then loads
+  :class:`bratstune.ensemble.pyfunc.EnsembleModel`; nothing is pickled) in the active run and
+  register a new version of ``name`` (one registered model per challenge,
+  :func:`default_model_name`), tagged with the package digest
+  (:data:`bratstune.integrity.DIGEST_TAG`: SHA-256 of the manifest of every file), lineage
+  (``lineage.*``), metrics (``metric.<name>``), the selection metric and the ensemble folder's
+  digest (``ensemble.digest``). See :mod:`bratstune.tracking.model_package`.
 * :func:`load_ensemble`: an ensemble from ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
   ``runs:/RUN/ensemble``, a run id, an MLflow model folder or an ensemble folder (sources resolved
-  by :func:`bratstune.tracking.artifacts.resolve_artifact`; a temporary download is removed once
-  the ensemble is in memory, unless the caller keeps it).
+  by :func:`bratstune.tracking.artifacts.resolve_artifact`, which checks a download against the
+  digest recorded at registration before anything reads it; a temporary download is removed once
+  the ensemble is in memory, unless the caller keeps it). A local folder is checked against its
+  own manifest only: nothing recorded its digest.
 * :func:`resolve_member_source`: a trained model folder from a folder, run id or URI.
 * :func:`list_models`: rows for ``bratstune models list``.
 
@@ -27,13 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pyfunc
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bratstune.ensemble.package import ARTIFACT_KEY, ENSEMBLE_FILE, Ensemble
 from bratstune.errors import ConfigError, DataError
-from bratstune.tracking.artifacts import resolve_artifact
+from bratstune.integrity import DIGEST_TAG, safe_join, verify_manifest
+from bratstune.tracking.artifacts import is_remote, resolve_artifact
+from bratstune.tracking.filters import equals
+from bratstune.tracking.model_package import register_package
 from bratstune.tracking.runs import package_versions
 
 logger = logging.getLogger(__name__)
@@ -60,7 +69,7 @@ REQUIREMENTS = (
     "mlflow",
     "pandas",
 )
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the bratstune package, shipped as the model's code
+MODEL_CLASS = "bratstune.ensemble.pyfunc:EnsembleModel"  # what the verified entry loads
 
 
 # -- registration -----------------------------------------------------------------------------------
@@ -86,7 +95,8 @@ def _version_tags(ensemble: Ensemble, metric: str, run_id: str, extra: Mapping[s
         "ensemble.tta_views": len(ensemble.inference.views()),
         "run_id": run_id,
     }
-    tags.update({f"lineage.{k}": v for k, v in ensemble.lineage.items()})
+    # the case lists (lineage "cases") can exceed a tag's 5000 characters: they stay in ensemble.json
+    tags.update({f"lineage.{k}": v for k, v in ensemble.lineage.items() if k != "cases"})
     tags.update({f"metric.{k}": repr(float(v)) for k, v in ensemble.metrics.items()})
     tags.update(dict(extra or {}))
     return tags
@@ -123,27 +133,19 @@ def register_ensemble(
     run = mlflow.active_run()
     if run is None:
         raise ConfigError("register_ensemble needs an active MLflow run (use bratstune.tracking.runs.start_run)")
-    # Deferred: defining the pyfunc class imports pandas and makes MLflow warn that ``predict`` has
-    # no type hints; only registration (and MLflow loading a registered model) needs it.
-    from bratstune.ensemble.pyfunc import EnsembleModel  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory(prefix="bratstune-ensemble-") as tmp:
         folder = ensemble.save(Path(tmp) / "ensemble")
-        code = Path(tmp) / "code" / "bratstune"
-        shutil.copytree(_PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=EnsembleModel(),
-            artifacts={ARTIFACT_KEY: str(folder)},
-            code_paths=[str(code)],
+        mv = register_package(
+            name=name,
+            artifact_name=MODEL_NAME,
+            model_class=MODEL_CLASS,
+            artifacts={ARTIFACT_KEY: folder},
             pip_requirements=_requirements(),
-            registered_model_name=name,
+            tags=_version_tags(ensemble, metric, run.info.run_id, tags),
             metadata={"bratstune_ensemble_digest": ensemble.digest},
         )
+    version = str(mv.version)
     client = MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in _version_tags(ensemble, metric, run.info.run_id, tags).items():
-        client.set_model_version_tag(name, version, key, str(value)[:5000])
     if description:
         client.update_model_version(name, version, description=description)
     logger.info("registered %s version %s (%s = %.4f)", name, version, metric, ensemble.metrics[metric])
@@ -193,9 +195,9 @@ def _ensemble_folder(model_dir: Path) -> Path:
     spec = yaml.safe_load(mlmodel.read_text()) or {}
     artifacts = ((spec.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
     entry = artifacts.get(ARTIFACT_KEY)
-    if not entry:
+    if not isinstance(entry, Mapping) or not entry.get("path"):
         raise DataError(mlmodel, f"not a bratstune ensemble model (no '{ARTIFACT_KEY}' artifact)")
-    return model_dir / entry["path"]
+    return safe_join(model_dir, entry["path"], what="ensemble artifact")
 
 
 def load_ensemble(source: str | Path, *, dst: Path | None = None, keep_download: bool = False) -> LoadedEnsemble:
@@ -210,12 +212,16 @@ def load_ensemble(source: str | Path, *, dst: Path | None = None, keep_download:
             until :meth:`LoadedEnsemble.cleanup`.
 
     Raises:
-        IntegrityError: a weight or config file does not match the manifest.
+        IntegrityError: a file of the package does not match its manifest, or the manifest does not
+            match the digest recorded at registration (or none was recorded: an old package).
         DataError: the source cannot be resolved or is not an ensemble.
     """
     resolved = resolve_artifact(source, default_artifact=MODEL_NAME, dst=dst, what="ensemble")
     try:
         local = resolved.path
+        if not is_remote(source) and (local / "MLmodel").is_file():
+            # a local MLflow model folder: nothing recorded its digest, so its own manifest must hold
+            verify_manifest(local)
         folder = local if (local / ENSEMBLE_FILE).is_file() else _ensemble_folder(local)
         ensemble = Ensemble.load(folder)
     except BaseException:
@@ -254,13 +260,17 @@ def _alias_map(model: Any) -> dict[str, list[str]]:
 
 
 def list_models(name: str | None = None, *, client: Any = None) -> list[dict[str, Any]]:
-    """One row per registered version: name, version, aliases, selection metric and its value, metrics, created."""
+    """One row per registered version: name, version, aliases, selection metric and its value, metrics,
+    created, and whether its package digest was recorded (``verifiable``; old packages are refused)."""
     client = client if client is not None else MlflowClient()
     names = [name] if name else sorted(m.name for m in client.search_registered_models())
     rows = []
     for model_name in names:
-        aliases = _alias_map(client.get_registered_model(model_name))
-        versions = client.search_model_versions(f"name='{model_name}'")
+        try:
+            aliases = _alias_map(client.get_registered_model(model_name))
+        except MlflowException as exc:
+            raise DataError(None, f"no registered model {model_name!r} in the store ({exc.error_code})") from None
+        versions = client.search_model_versions(equals("name", model_name))
         for mv in sorted(versions, key=lambda v: int(v.version)):
             tags = dict(mv.tags or {})
             metrics = {k[len("metric.") :]: float(v) for k, v in tags.items() if k.startswith("metric.")}
@@ -274,6 +284,7 @@ def list_models(name: str | None = None, *, client: Any = None) -> list[dict[str
                     "value": metrics.get(selection) if selection else None,
                     "metrics": metrics,
                     "forced": tags.get("promotion.forced") == "true",
+                    "verifiable": bool(tags.get(DIGEST_TAG)),  # False: an old package, refused on load
                     "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                     "run_id": mv.run_id,
                 }

@@ -1,35 +1,41 @@
 """What MAE pre-training leaves behind: the encoder file, its registry entry, a reconstruction picture.
 
 * :func:`save_encoder` writes ``encoder.pt`` (``{"state_dict": {vit.*: tensor}, "meta": {...}}``,
-  loadable with ``torch.load(weights_only=True)``) and ``encoder.json`` (the meta: patch grid,
-  sizes, modalities) into a folder.
-* :func:`register_encoder` logs the folder as an MLflow pyfunc model (``predict`` maps
-  ``(B, C, X, Y, Z)`` volumes to mean-pooled encoder features ``(B, D)``) under the run and
-  registers it (default name ``bratstune-mae-encoder``). ``models:/NAME@latest`` then resolves
-  to the newest version: ``latest`` is MLflow's built-in alias (it refuses to set it by hand);
-  an extra alias (e.g. ``candidate``) can be set.
+  loadable with ``torch.load(weights_only=True)``), ``encoder.json`` (the meta: patch grid,
+  sizes, modalities) and ``manifest.json`` (SHA-256 of every file of the folder,
+  :mod:`bratstune.integrity`) into a folder; readers verify the folder before loading it.
+* :func:`register_encoder` registers the folder as an MLflow *models-from-code* pyfunc model
+  (:class:`MaeEncoderModel`: ``predict`` maps ``(B, C, X, Y, Z)`` volumes to mean-pooled encoder
+  features ``(B, D)``; nothing is pickled) under the run, with the package digest recorded on the
+  version (:func:`bratstune.tracking.model_package.register_package`; default name
+  ``bratstune-mae-encoder``). ``models:/NAME@latest`` then resolves to the newest version:
+  ``latest`` is MLflow's built-in alias (it refuses to set it by hand); an extra alias (e.g.
+  ``candidate``) can be set.
 * :func:`reconstruction_figure`: PNG of one axial slice per modality shown: input, masked input,
   reconstruction (visible patches from the input, masked ones predicted; de-normalised with the
-  target patch's mean/std when the loss used normalised targets).
+  target patch's mean/std when the loss used normalised targets). Drawn into an export folder,
+  the folder's manifest is renewed to list it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-import monai
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 from monai.networks.nets.vit import ViT
 
 from bratstune.data.case import MODALITIES
+from bratstune.integrity import MANIFEST_FILE, verify_manifest, write_manifest
 from bratstune.pretrain.model import (
     MaskedAutoencoder3D,
     encoder_meta,
@@ -39,14 +45,27 @@ from bratstune.pretrain.model import (
     random_noise,
     unpatchify,
 )
+from bratstune.tracking.model_package import register_package
+from bratstune.tracking.runs import package_versions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_FILE", "META_FILE", "REGISTERED_NAME", "register_encoder", "reconstruction_figure", "save_encoder"]
+__all__ = [
+    "ENCODER_FILE",
+    "META_FILE",
+    "REGISTERED_NAME",
+    "MaeEncoderModel",
+    "reconstruction_figure",
+    "register_encoder",
+    "save_encoder",
+]
 
 ENCODER_FILE = "encoder.pt"
 META_FILE = "encoder.json"
 REGISTERED_NAME = "bratstune-mae-encoder"
+MODEL_CLASS = "bratstune.pretrain.export:MaeEncoderModel"  # what the verified entry loads
+#: what importing the shipped ``bratstune.pretrain.export`` needs
+REQUIREMENTS = ("torch", "monai", "numpy", "nibabel", "safetensors", "scipy", "pyyaml", "mlflow", "pandas")
 
 
 def save_encoder(model: MaskedAutoencoder3D, folder: Path, **extra_meta: Any) -> Path:
@@ -56,44 +75,47 @@ def save_encoder(model: MaskedAutoencoder3D, folder: Path, **extra_meta: Any) ->
     meta = encoder_meta(model.config, **extra_meta)
     state = encoder_state_dict(model)
     meta["tensors"] = len(state)
-    tmp = folder / (ENCODER_FILE + ".tmp")
+    tmp = folder / f".{ENCODER_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     torch.save({"state_dict": state, "meta": meta}, tmp)
     tmp.replace(folder / ENCODER_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp = folder / f".{META_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(folder / META_FILE)
+    write_manifest(folder)
     return folder / ENCODER_FILE
 
 
-def _pyfunc_model() -> Any:
-    """A self-contained pyfunc (needs torch + monai only, not bratstune) around ``encoder.pt``."""
+class MaeEncoderModel(mlflow.pyfunc.PythonModel):
+    """The registered encoder's pyfunc model: ``(B, C, X, Y, Z)`` volumes -> mean-pooled features ``(B, D)``.
 
-    class MaeEncoderModel(mlflow.pyfunc.PythonModel):
-        def load_context(self, context):  # noqa: D401 - MLflow hook
+    Loaded by the verified entry (:mod:`bratstune.integrity`) once the package matched its
+    recorded digest; reads ``encoder.pt`` with ``torch.load(weights_only=True)``.
+    """
 
-            payload = torch.load(context.artifacts["encoder"], map_location="cpu", weights_only=True)
-            meta = payload["meta"]
-            self.vit = ViT(
-                in_channels=meta["in_channels"],
-                img_size=meta["img_size"],
-                patch_size=meta["patch_size"],
-                hidden_size=meta["hidden_size"],
-                mlp_dim=meta["mlp_dim"],
-                num_layers=meta["num_layers"],
-                num_heads=meta["num_heads"],
-                proj_type="conv",
-                pos_embed_type="learnable",
-                classification=False,
-            )
-            prefix = meta["prefix"]
-            self.vit.load_state_dict({k[len(prefix) :]: v for k, v in payload["state_dict"].items()})
-            self.vit.eval()
+    def load_context(self, context):  # MLflow hook
+        payload = torch.load(context.artifacts["encoder"], map_location="cpu", weights_only=True)
+        meta = payload["meta"]
+        self.vit = ViT(
+            in_channels=meta["in_channels"],
+            img_size=meta["img_size"],
+            patch_size=meta["patch_size"],
+            hidden_size=meta["hidden_size"],
+            mlp_dim=meta["mlp_dim"],
+            num_layers=meta["num_layers"],
+            num_heads=meta["num_heads"],
+            proj_type="conv",
+            pos_embed_type="learnable",
+            classification=False,
+        )
+        prefix = meta["prefix"]
+        self.vit.load_state_dict({k[len(prefix) :]: v for k, v in payload["state_dict"].items()})
+        self.vit.eval()
 
-        def predict(self, context, model_input, params=None):
-            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-            with torch.no_grad():
-                tokens, _ = self.vit(x)
-            return tokens.mean(dim=1).numpy()
-
-    return MaeEncoderModel()
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would build a schema
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            tokens, _ = self.vit(x)
+        return tokens.mean(dim=1).numpy()
 
 
 def register_encoder(
@@ -114,17 +136,17 @@ def register_encoder(
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         raise RuntimeError(f"register_encoder must run inside MLflow run {run_id}")
-    info = mlflow.pyfunc.log_model(
-        name="mae_encoder",
-        python_model=_pyfunc_model(),
-        artifacts={"encoder": str(folder / ENCODER_FILE), "meta": str(folder / META_FILE)},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", "numpy"],
-        registered_model_name=name,
+    verify_manifest(folder)  # what is registered is what save_encoder wrote
+    mv = register_package(
+        name=name,
+        artifact_name="mae_encoder",
+        model_class=MODEL_CLASS,
+        artifacts={"encoder": folder / ENCODER_FILE, "meta": folder / META_FILE},
+        pip_requirements=[f"{k}=={v}" for k, v in package_versions(REQUIREMENTS).items()],
+        tags=tags,
     )
-    version = str(info.registered_model_version)
+    version = str(mv.version)
     client = MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(name, version, key, str(value))
     if alias and alias.lower() != "latest":
         client.set_registered_model_alias(name, alias, version)
     logger.info(
@@ -217,4 +239,6 @@ def reconstruction_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    if (path.parent / MANIFEST_FILE).is_file():  # drawn into an export folder: it stays complete
+        write_manifest(path.parent)
     return {"recon/mse_masked": mse, "recon/mask_ratio": float(mask.float().mean())}

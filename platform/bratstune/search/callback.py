@@ -13,6 +13,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from bratstune.tracking.filters import tag_equals
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["STOP_TAG", "TRIAL_TAG", "TrialRunCallback", "find_trial_run"]
@@ -25,7 +27,7 @@ def find_trial_run(client: Any, experiment_id: str, parent_run_id: str, trial_id
     """The MLflow child run of ``trial_id`` under ``parent_run_id`` (by its ``ray_trial_id`` tag)."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        filter_string=f"{tag_equals(TRIAL_TAG, trial_id)} and {tag_equals('mlflow.parentRunId', parent_run_id)}",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None

@@ -75,14 +75,36 @@ def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str
 
 # -- expressions and conditions -------------------------------------------------------------------
 
+
+def _power(base: Any, exponent: Any) -> float:
+    return float(base) ** float(exponent)  # float: an overflow raises at once instead of growing an int
+
+
 _BINOPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
+    ast.Pow: _power,
 }
 _FUNCS = {"min": min, "max": max, "abs": abs, "round": round}
+#: bounds that keep an expression's cost small whatever a YAML file holds (``9**9**9`` never runs)
+MAX_EXPRESSION_CHARS = 200
+MAX_EXPRESSION_DEPTH = 16
+MAX_EXPONENT = 8.0
+
+
+def _literal_exponent(node: ast.AST) -> float | None:
+    """The value of a literal exponent (``2``, ``-0.5``), else ``None``."""
+    sign = 1.0
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+        node = node.operand
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return sign * float(node.value)
+    return None
+
+
 _NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
 
 
@@ -99,7 +121,10 @@ def _dotted(node: ast.AST) -> str | None:
 class Expression:
     """Small arithmetic expression over parameter names, e.g. ``1 - loss.alpha``.
 
-    Allowed: numbers, dotted names, ``+ - * / **``, unary minus, ``min``, ``max``, ``abs``, ``round``.
+    Allowed: numbers, dotted names, ``+ - * /``, ``**`` with a literal exponent of at most
+    :data:`MAX_EXPONENT` in size (``x ** 2``, ``2 ** -3``; never ``9**9**9``), unary minus, ``min``,
+    ``max``, ``abs``, ``round``. At most :data:`MAX_EXPRESSION_CHARS` characters and
+    :data:`MAX_EXPRESSION_DEPTH` levels of nesting, so evaluating one costs next to nothing.
     """
 
     text: str
@@ -107,16 +132,21 @@ class Expression:
 
     @classmethod
     def parse(cls, text: str, where: str) -> Expression:
+        text = str(text)
+        if len(text) > MAX_EXPRESSION_CHARS:
+            raise ConfigError(f"{where}: expression of {len(text)} characters; at most {MAX_EXPRESSION_CHARS}")
         try:
-            tree = ast.parse(str(text), mode="eval")
-        except SyntaxError:
+            tree = ast.parse(text, mode="eval")
+        except (SyntaxError, RecursionError, MemoryError):
             raise ConfigError(f"{where}: cannot parse expression {text!r} (e.g. '1 - loss.alpha')") from None
         names: list[str] = []
 
-        def check(node: ast.AST) -> None:
+        def check(node: ast.AST, depth: int = 0) -> None:
+            if depth > MAX_EXPRESSION_DEPTH:
+                raise ConfigError(f"{where}: expression {text!r} nests deeper than {MAX_EXPRESSION_DEPTH} levels")
             if isinstance(node, ast.Expression):
-                check(node.body)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+                check(node.body, depth + 1)
+            elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
                 pass
             elif isinstance(node, (ast.Name, ast.Attribute)):
                 name = _dotted(node)
@@ -124,17 +154,29 @@ class Expression:
                     raise ConfigError(f"{where}: unsupported name in {text!r}")
                 names.append(name)
             elif isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-                check(node.left)
-                check(node.right)
+                if isinstance(node.op, ast.Pow):
+                    exponent = _literal_exponent(node.right)
+                    if exponent is None or abs(exponent) > MAX_EXPONENT:
+                        raise ConfigError(
+                            f"{where}: '**' in {text!r} needs a literal exponent between -{MAX_EXPONENT:g} "
+                            f"and {MAX_EXPONENT:g} (e.g. 'x ** 2')"
+                        )
+                check(node.left, depth + 1)
+                check(node.right, depth + 1)
             elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-                check(node.operand)
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
+                check(node.operand, depth + 1)
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in _FUNCS
+                and not node.keywords
+            ):
                 for arg in node.args:
-                    check(arg)
+                    check(arg, depth + 1)
             else:
                 raise ConfigError(
                     f"{where}: unsupported syntax in expression {text!r}; use numbers, parameter names, "
-                    f"+ - * / ** and {sorted(_FUNCS)}"
+                    f"+ - * / ** (literal exponent) and {sorted(_FUNCS)}"
                 )
 
         check(tree)
@@ -159,7 +201,12 @@ class Expression:
                 return _FUNCS[node.func.id](*(ev(a) for a in node.args))  # type: ignore[union-attr]
             raise ConfigError(f"cannot evaluate {self.text!r}")  # pragma: no cover - parse() rejects it
 
-        return float(ev(tree))
+        try:
+            return float(ev(tree))
+        except ConfigError:
+            raise
+        except (ArithmeticError, TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot evaluate expression {self.text!r}: {exc}") from None
 
 
 _COMPARE = {

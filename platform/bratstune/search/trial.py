@@ -8,9 +8,12 @@
 :class:`~bratstune.training.config.TrainConfig`, opens (or, after a retry or restore, reopens)
 the trial's MLflow child run, and trains with a reporter that logs the epoch to that run
 *before* ``ray.tune.report(metrics, checkpoint=...)``, so that ASHA can stop a weak trial after
-any epoch without losing what it logged. :class:`TrialContext` is everything else the trial
-needs, shipped once through the object store. Cross-validation folds run the same function
-(:mod:`bratstune.search.crossval.folds`).
+any epoch without losing what it logged (the objective first: MLflow's compare view plots the
+first metric of a run). The run also records the cohort as its dataset input (the runs table's
+Dataset column) and the Ray node of the trial's latest attempt (tag ``ray.node_id``); the device
+follows the trial's own GPU share (:func:`trial_device`). :class:`TrialContext` is everything
+else the trial needs, shipped once through the object store. Cross-validation folds run the
+same function (:mod:`bratstune.search.crossval.folds`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import mlflow
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -36,14 +40,17 @@ from bratstune.search.data import DataHandle
 from bratstune.search.params import apply_values
 from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking.artifacts import localise_config
-from bratstune.tracking.runs import log_config, run_tags
+from bratstune.tracking.runs import log_cohort_input, log_config, run_tags
 from bratstune.training.config import TrainConfig, load_train_config
 from bratstune.training.fit import fit
 from bratstune.training.report import EpochReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrialContext", "run_trial", "trainable"]
+__all__ = ["NODE_TAG", "TrialContext", "run_trial", "trainable", "trial_device"]
+
+#: Child-run tag: the Ray node id of the trial's latest attempt.
+NODE_TAG = "ray.node_id"
 
 
 @dataclass
@@ -82,25 +89,41 @@ def _open_run(client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any]
     """The trial's child run: found again by its ``ray_trial_id`` tag, else created with its params."""
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    node = ray.get_runtime_context().get_node_id()  # where this attempt runs (a retry may move)
     run_id = find_trial_run(client, ctx.experiment_id, ctx.parent_run_id, trial_id)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "resumed", "true")
+        client.set_tag(run_id, NODE_TAG, node)
         return run_id
-    extra = {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id, "search": ctx.search_name}
+    extra = {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id, "search": ctx.search_name, NODE_TAG: node}
     tags = run_tags(data_fingerprint=ctx.data.fingerprint, extra=extra)
     run_id = client.create_run(ctx.experiment_id, run_name=context.get_trial_name(), tags=tags).info.run_id
     log_config(train_config, run_id=run_id)
     for key, value in config.items():
         client.log_param(run_id, f"search.{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    data = ctx.data
+    log_cohort_input(
+        run_id,
+        name=Path(data.root).name,
+        fingerprint=data.fingerprint,
+        root=data.root,
+        cases=len(data.train_cases) + len(data.val_cases),
+        profile={"train_cases": len(data.train_cases), "val_cases": len(data.val_cases)},
+        client=client,
+    )
     return run_id
 
 
 def _tune_reporter(metric: str | tuple[str, ...], mlflow_reporter: MlflowReporter) -> Callable[[EpochReport], None]:
     """``fit``'s reporter: MLflow first, then ``tune.report`` (which may stop the trial)."""
 
+    objectives = (metric,) if isinstance(metric, str) else tuple(metric)
+
     def report(epoch: EpochReport) -> None:
-        mlflow_reporter(epoch)  # before tune.report: the scheduler may stop the trial inside it
+        # The objective first: MLflow's compare view plots the first metric a run logged.
+        first = {name: epoch.metrics[name] for name in objectives if name in epoch.metrics}
+        mlflow_reporter(replace(epoch, metrics={**first, **epoch.metrics}))  # before tune.report: it may stop the trial
         metrics = _finite(epoch.metrics)
         for name in (metric,) if isinstance(metric, str) else metric:  # every objective, even if not finite
             metrics.setdefault(name, float("nan"))
@@ -120,9 +143,35 @@ def _at_the_edge(config: TrainConfig, workdir: Path, tracking_uri: str) -> Train
     happens to see: Ray 2.60 leaves GPUs visible to trials that asked for none.
     """
     local, _ = localise_config(config.to_dict(), dst=workdir / "init", tracking_uri=tracking_uri)
+    return replace(load_train_config(local), device=trial_device(config.device).type)
+
+
+def trial_device(requested: str = "auto") -> torch.device:
+    """The device of the Ray trial (or task) this runs in, from the GPU share it asked Ray for.
+
+    Reads the share Ray assigned (``get_assigned_resources()["GPU"]``: 0, a fraction such as
+    0.25, or whole GPUs) and hands it to :func:`bratstune.device.select_trial_device`: no share
+    means the CPU even where a GPU is visible; a fractional share caps this process's CUDA
+    memory at that fraction.
+
+    Args:
+        requested: the config's ``device`` (``auto``, ``cpu``, ``cuda``).
+    """
     gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
-    device = select_trial_device(config.device, gpus=gpus)
-    return replace(load_train_config(local), device=device.type)
+    return select_trial_device(requested, gpus=gpus)
+
+
+def _scratch_dir() -> Path:
+    """A fresh scratch folder inside the trial's own folder (never the system temp folder).
+
+    A trial killed by its scheduler cannot clean up after itself; its scratch then stays with
+    its experiment, and the next attempt of the trial removes it.
+    """
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    for stale in trial_dir.glob(".scratch-*"):  # left by a killed attempt of this trial
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=".scratch-", dir=trial_dir))
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -140,7 +189,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_id = _open_run(client, ctx, config, train_config)
 
     trial_id = tune.get_context().get_trial_id()
-    workdir = Path(tempfile.mkdtemp(prefix=f"bratstune-trial-{trial_id}-"))
+    workdir = _scratch_dir()
     resume_dir = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

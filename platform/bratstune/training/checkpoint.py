@@ -12,16 +12,25 @@ A training checkpoint is a folder (what Ray Tune's ``Checkpoint.from_directory``
 The best model folder holds ``model.pt`` (the state dict only), ``config.yaml`` and
 ``metrics.json``. Everything loads with ``torch.load(weights_only=True)``: RNG states are
 stored as tensors and plain Python values, never pickled objects.
+
+Folders are written whole under a hidden name unique to the writer
+(``.<name>.<pid>-<uuid>.tmp``) and then swapped in by two renames (the old folder to
+``.<name>.<pid>-<uuid>.old``, the new one into place); no fixed ``.tmp``/``.old`` name is ever
+shared by two writers. A crash between the renames leaves both complete folders under their
+hidden names: :func:`recover_dir` (run by every reader and writer of the folder) puts the new
+one in place, or the old one when the new one is not there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ __all__ = [
     "TrainState",
     "capture_rng",
     "load_state",
+    "recover_dir",
     "restore_best",
     "restore_rng",
     "save_best",
@@ -109,16 +119,85 @@ def _write_sidecars(folder: Path, config: Mapping[str, Any], metrics: Mapping[st
     (folder / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
 
 
+def _temp_dir(final: Path) -> Path:
+    """A fresh, empty hidden folder next to ``final``, named for this writer only."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def _siblings(final: Path, kind: str) -> dict[str, Path]:
+    """``{token: path}`` of the hidden ``.<name>.<token>.<kind>`` folders next to ``final``."""
+    prefix, suffix = f".{final.name}.", f".{kind}"
+    out = {}
+    if final.parent.is_dir():
+        for path in final.parent.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(suffix):
+                out[path.name[len(prefix) : -len(suffix)]] = path
+    return out
+
+
+def _writer_alive(token: str) -> bool:
+    try:
+        os.kill(int(token.split("-", 1)[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(final: Path) -> None:
+    """Finish or undo a replacement of ``final`` that a crash cut short.
+
+    ``final`` missing while a writer's ``.old`` exists means the crash fell between the two
+    renames of :func:`_replace_dir`: that writer's ``.tmp`` is complete (it is renamed only once
+    written), so it takes the place; without it, the ``.old`` folder goes back. Hidden folders
+    left by writers that are no longer running are removed.
+    """
+    final = Path(final)
+    olds, tmps = _siblings(final, "old"), _siblings(final, "tmp")
+    if not final.exists():
+        for token, old in sorted(olds.items(), key=lambda item: item[1].stat().st_mtime, reverse=True):
+            if not _writer_alive(token):
+                os.replace(tmps.pop(token) if token in tmps else old, final)
+                logger.warning("recovered %s after an interrupted replacement", final)
+                break
+    for token, path in [*_siblings(final, "old").items(), *_siblings(final, "tmp").items()]:
+        if not _writer_alive(token):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` folder to ``final`` (replacing it)."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    """Move a fully written ``tmp`` folder (from :func:`_temp_dir`) to ``final``, replacing it.
+
+    An error (not a crash) between the two renames puts the old folder back at once.
+    """
+    if not final.exists():
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(final: Path) -> Iterator[Path]:
+    """A temp folder to fill; swapped in for ``final`` on success, removed on an error."""
+    tmp = _temp_dir(final)
+    try:
+        yield tmp
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
 
 
 def save_state(
@@ -138,9 +217,6 @@ def save_state(
     ``best_dir`` (the best-model folder so far) is copied into ``<folder>/best``.
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -153,11 +229,11 @@ def save_state(
         "history": state.history,
         "rng": capture_rng(),
     }
-    torch.save(payload, tmp / STATE_FILE)
-    _write_sidecars(tmp, config, metrics)
-    if best_dir is not None and Path(best_dir).is_dir():
-        shutil.copytree(best_dir, tmp / BEST_DIR)
-    _replace_dir(tmp, folder)
+    with _writing(folder) as tmp:
+        torch.save(payload, tmp / STATE_FILE)
+        _write_sidecars(tmp, config, metrics)
+        if best_dir is not None and Path(best_dir).is_dir():
+            shutil.copytree(best_dir, tmp / BEST_DIR)
     return folder
 
 
@@ -167,16 +243,15 @@ def restore_best(checkpoint: Path, target: Path) -> Path | None:
     source = (source if source.is_dir() else source.parent) / BEST_DIR
     if not source.is_dir():
         return None
-    tmp = Path(target).with_name(Path(target).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    _replace_dir(tmp, Path(target))
+    with _writing(Path(target)) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     return Path(target)
 
 
 def resolve_state_file(path: Path) -> Path:
     """Accept a checkpoint folder or its ``state.pt``; raise :class:`DataError` otherwise."""
     path = Path(path)
+    recover_dir(path if path.name != STATE_FILE else path.parent)
     candidate = path / STATE_FILE if path.is_dir() else path
     if not candidate.is_file():
         raise DataError(path, f"no training checkpoint here (expected a folder holding {STATE_FILE})")
@@ -213,10 +288,7 @@ def load_state(
 def save_best(folder: Path, *, model: torch.nn.Module, config: Mapping[str, Any], metrics: Mapping[str, float]) -> Path:
     """Write the best-model folder (``model.pt`` state dict + config + metrics) atomically."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / MODEL_FILE)
-    _write_sidecars(tmp, config, metrics)
-    _replace_dir(tmp, folder)
+    with _writing(folder) as tmp:
+        torch.save(model.state_dict(), tmp / MODEL_FILE)
+        _write_sidecars(tmp, config, metrics)
     return folder
