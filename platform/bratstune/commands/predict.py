@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not record an MLflow run")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-tumour-share",
+        type=float,
+        help="plausibility: flag a whole tumour larger than this share of the brain mask (default 0.3)",
+    )
 
 
 def _init_ray(args: argparse.Namespace) -> None:
@@ -79,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         experiment=None if args.no_mlflow else args.experiment,
     )
+    if args.max_tumour_share is not None:
+        options["plausibility"] = {"max_brain_share": args.max_tumour_share}
     _init_ray(args)
     if args.cohort is not None:
         if args.settle is not None:
@@ -117,6 +124,11 @@ def _print(summary: BatchSummary) -> None:
     for case_id in summary.flagged:
         row = next(r for r in summary.rows if r["case_id"] == case_id)
         print(f"  drift {case_id}: {row['drift']}")
+    for case_id in summary.implausible:
+        row = next(r for r in summary.rows if r["case_id"] == case_id)
+        print(f"  implausible {case_id}: {row['plausibility']}")
+    for flag in summary.cohort_flags:
+        print(f"  cohort: {flag}")
     print(
         f"outputs in {summary.out} (predictions.csv, failures.csv, report.html)"
         + (f"; MLflow run {summary.mlflow_run_id}" if summary.mlflow_run_id else "")

@@ -3,7 +3,8 @@
 * :mod:`.layout`: case discovery for every BraTS naming (2017-2025) and MSD Task01;
 * :mod:`.case`: one case: :class:`~.case.Case` (files), :class:`~.case.CaseData` (arrays),
   :func:`~.case.load_case`, :func:`~.case.validate_case`; :mod:`.nifti`: volume I/O only;
-* :mod:`.preprocess`: crop to brain, z-score, percentile rescale, histogram matching;
+* :mod:`.preprocess`: reorient + resample (:mod:`.resample`), crop to brain, z-score, percentile
+  rescale, histogram matching (:mod:`.histogram`);
 * :mod:`.cache`: the content-keyed ``.npy`` cache of preprocessed cases;
 * :mod:`.cohort`: folder -> cached cases -> :class:`~.cohort.TrainData`; :mod:`.fingerprint`: what
   a model was trained on;
@@ -19,9 +20,11 @@ __all__ = [
     "case",
     "cohort",
     "fingerprint",
+    "histogram",
     "layout",
     "nifti",
     "preprocess",
+    "resample",
     "sampling",
     "synthetic",
 ]

@@ -4,11 +4,14 @@ One entry per (case file contents, preprocessing config)::
 
     <root>/entries/<key[:2]>/<key>/image.npy   float32 (4, x, y, z)
                                   label.npy   uint8 (x, y, z)           (only with a label)
-                                  meta.json   bbox, original shape, affine, spacing, fingerprint
+                                  meta.json   bbox, model-grid shape, affine, spacing, fingerprint,
+                                              grid map back to the input grid
     <root>/hashes.json                        memo of file digests by (path, size, mtime_ns)
     <root>/references/<config>.json           cohort histogram reference (histogram_match="cohort")
 
-``key = sha256(sha256(bytes) of every input file, config fingerprint[, reference digest])``.
+``key = sha256(sha256(bytes) of every input file, config fingerprint[, reference digest])``; the
+config fingerprint holds the target spacing and orientation, so a case resampled to 2 mm and the
+same case at 1 mm are two entries.
 Hashing the raw (gzipped) bytes is several times cheaper than decoding the NIfTI, and the
 digests are memoised so unchanged files are not even read again. An entry is written into a
 temporary folder and renamed into place in one step, so trials preparing the same case at the
@@ -45,6 +48,7 @@ from bratstune.data.preprocess import (
     preprocess_case,
     replace_config,
 )
+from bratstune.data.resample import GridMap
 from bratstune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CACHE_ENV", "CaseCache", "default_cache_root", "file_digest"]
 
 CACHE_ENV = "BRATSTUNE_CACHE"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CHUNK = 1 << 20
 
 
@@ -204,6 +208,7 @@ class CaseCache:
             spacing=tuple(meta["spacing"]),  # type: ignore[arg-type]
             fingerprint=meta["fingerprint"],
             config_fingerprint=meta["config_fingerprint"],
+            grid=GridMap.from_dict(meta["grid"]) if meta.get("grid") else None,
         )
 
     def load(
@@ -273,6 +278,7 @@ class CaseCache:
                 "affine": np.asarray(case.affine, dtype=float).tolist(),
                 "spacing": list(case.spacing),
                 "fingerprint": case.fingerprint,
+                "grid": case.grid.to_dict() if case.grid is not None else None,
                 "config": to_dict(config),
                 "config_fingerprint": config.fingerprint(),
                 "created": time.time(),

@@ -3,7 +3,11 @@
 Shared by ``bratstune train`` and the jobs that call :func:`bratstune.training.fit.fit` on a folder::
 
     prepared = prepare_cohort(Path("data/GLI"), PreprocessConfig(), workers=2)
-    data = split_train_val(prepared, val_fraction=0.2, seed=0)
+    data = split_train_val(prepared.cases, prepared.scheme, val_fraction=0.2, seed=0)
+
+``data.preprocess.target_spacing: null`` is resolved here, once per cohort, to the median
+spacing of its cases (nnU-Net's choice; :func:`resolve_preprocess`): ``prepared.preprocess`` is the
+config the cache was filled with, and the one to hand on (trials, packages).
 """
 
 from __future__ import annotations
@@ -18,15 +22,25 @@ import numpy as np
 
 from bratstune.config_utils import from_dict
 from bratstune.data.cache import CaseCache
+from bratstune.data.case import Case
 from bratstune.data.fingerprint import data_fingerprint
 from bratstune.data.layout import default_scheme, discover
-from bratstune.data.preprocess import PreprocessConfig
+from bratstune.data.nifti import read_info
+from bratstune.data.preprocess import PreprocessConfig, replace_config
+from bratstune.data.resample import median_spacing, reoriented_spacing
 from bratstune.data.sampling import stratified_folds, tumour_volume
 from bratstune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedCohort", "TrainData", "prepare_cohort", "preprocess_config", "split_train_val"]
+__all__ = [
+    "PreparedCohort",
+    "TrainData",
+    "prepare_cohort",
+    "preprocess_config",
+    "resolve_preprocess",
+    "split_train_val",
+]
 
 
 @dataclass
@@ -54,6 +68,8 @@ class PreparedCohort:
         scheme: the label scheme implied by the naming (the same for every case).
         challenge: the challenge named by the cases (``GLI``, ``PED`` ...), or ``None``.
         fingerprint: hash of the case ids and the preprocessing config.
+        preprocess: the ``PreprocessConfig`` the cases were prepared with, its target spacing
+            resolved (:func:`resolve_preprocess`).
     """
 
     root: Path
@@ -61,6 +77,7 @@ class PreparedCohort:
     scheme: Any
     challenge: str | None
     fingerprint: str
+    preprocess: Any = None
 
 
 def preprocess_config(mapping: Mapping[str, Any] | None) -> Any:
@@ -69,10 +86,37 @@ def preprocess_config(mapping: Mapping[str, Any] | None) -> Any:
     return from_dict(PreprocessConfig, mapping or {}, where="config.data.preprocess")
 
 
+def resolve_preprocess(preprocess: PreprocessConfig, cases: Sequence[Case]) -> PreprocessConfig:
+    """``preprocess`` with ``target_spacing`` set: as given, else the cohort's median spacing.
+
+    The median is taken per axis over the cases' voxel sizes after reorientation to
+    ``preprocess.orientation`` (read from the headers of their first image: no voxel is decoded).
+    """
+    if preprocess.target_spacing is not None or not cases:
+        return preprocess
+    spacings = []
+    for case in cases:
+        info = read_info(next(iter(case.images.values())))
+        spacings.append(reoriented_spacing(info.affine, preprocess.orientation))
+    target = median_spacing(spacings)
+    distinct = {tuple(round(v, 3) for v in s) for s in spacings}
+    logger.info(
+        "target spacing %s mm (%s median of %d case(s), %d distinct spacing(s))",
+        "x".join(f"{v:g}" for v in target or ()),
+        preprocess.orientation,
+        len(spacings),
+        len(distinct),
+    )
+    return replace_config(preprocess, target_spacing=target)
+
+
 def prepare_cohort(
     root: Path, preprocess: Any, *, workers: int = 1, cache_root: Path | None = None, year: int | None = None
 ) -> PreparedCohort:
     """Discover the labelled cases under ``root`` and prepare them in the preprocessing cache.
+
+    A ``target_spacing`` of ``None`` becomes the median spacing of the labelled cases first
+    (:func:`resolve_preprocess`); ``PreparedCohort.preprocess`` holds the resolved config.
 
     Raises:
         DataError: no labelled case, or cases whose naming implies different label schemes.
@@ -89,6 +133,7 @@ def prepare_cohort(
     if len(schemes) > 1:
         raise DataError(root, f"cases use different label schemes {sorted(schemes)}; train on one challenge at a time")
     challenges = sorted({c.challenge for c in labelled if c.challenge})
+    preprocess = resolve_preprocess(preprocess, labelled)
     cases = CaseCache(cache_root).prepare(labelled, preprocess, workers=workers)
     return PreparedCohort(
         root=Path(root),
@@ -96,6 +141,7 @@ def prepare_cohort(
         scheme=next(iter(schemes.values())),
         challenge=challenges[0] if len(challenges) == 1 else None,
         fingerprint=data_fingerprint([c.case_id for c in cases], preprocess),
+        preprocess=preprocess,
     )
 
 

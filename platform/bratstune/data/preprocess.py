@@ -1,24 +1,34 @@
-"""Intensity preprocessing of one case: crop to the brain, rescale, z-score, histogram matching.
+"""Preprocessing of one case: reorient, resample, crop to the brain, rescale, z-score, histogram matching.
 
 The steps, in order, for a case loaded by :func:`bratstune.data.case.load_case`:
 
-1. **Brain mask** = voxels where *any* modality is non-zero (skull-stripped BraTS data has
+1. **Intensity fingerprint** of the raw brain voxels (percentiles 1/50/99 per modality, shape,
+   spacing, orientation codes of the *input*) for drift checks between cohorts.
+2. **Model grid** (:mod:`bratstune.data.resample`): reorient to ``orientation`` (lossless axis
+   flips / permutations, default ``RAS``), then resample to ``target_spacing`` (mm) when the
+   spacing differs: images cubic (Gaussian anti-aliasing on downsampled axes), the brain mask
+   linear then ``>= 0.5`` (image voxels outside it are set to exactly 0), labels nearest-neighbour.
+   The :class:`~bratstune.data.resample.GridMap` is kept (:attr:`PreprocessedCase.grid`) so that
+   probabilities can be brought back to the input grid.
+3. **Brain mask** = voxels where *any* modality is non-zero (skull-stripped BraTS data has
    exactly-zero background).
-2. **Crop** to the mask's bounding box, grown by ``margin`` voxels and clipped to the volume.
-   The box (in the original voxel grid) is kept so predictions can be pasted back with
-   :func:`uncrop`.
-3. **Intensity fingerprint** of the raw brain voxels (percentiles 1/50/99 per modality, shape,
-   spacing, orientation codes) for drift checks between cohorts.
-4. Per modality, over brain voxels only (background stays exactly 0):
+4. **Crop** to the mask's bounding box, grown by ``margin`` voxels and clipped to the volume.
+   The box (in the model grid) is kept so predictions can be pasted back with :func:`uncrop`.
+5. Per modality, over brain voxels only (background stays exactly 0):
 
    a. ``percentile_rescale=(lo, hi)``: clip to the ``lo``-th / ``hi``-th brain percentiles and
       rescale linearly to ``[0, 1]``;
    b. ``normalize="zscore"``: :math:`x \\leftarrow (x - \\mu) / \\sigma` with mean and standard
       deviation of the brain voxels (after step a when both are set);
    c. ``histogram_match``: monotone quantile mapping of the brain voxels onto a reference
-      (:class:`HistogramReference`, :func:`match_histogram`). It runs last, so the output follows the
+      (:class:`~bratstune.data.histogram.HistogramReference`,
+      :func:`~bratstune.data.histogram.match_histogram`). It runs last, so the output follows the
       reference's distribution; the reference must therefore come from images preprocessed
       with the same options (minus ``histogram_match``).
+
+``target_spacing=None`` means "the cohort's median spacing": :func:`bratstune.data.cohort.prepare_cohort`
+resolves it from the cohort's headers before anything is cached (:func:`bratstune.data.cohort.resolve_preprocess`).
+A case preprocessed on its own with ``None`` keeps its own spacing (reorientation only).
 """
 
 from __future__ import annotations
@@ -27,10 +37,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
@@ -38,7 +47,9 @@ import numpy as np
 
 from bratstune.config_utils import check_choice, to_dict
 from bratstune.data.case import MODALITIES
-from bratstune.errors import ConfigError, DataError
+from bratstune.data.histogram import HistogramReference, load_reference, match_histogram
+from bratstune.data.resample import DEFAULT_ORIENTATION, GridMap, check_orientation, plan_grid, to_model_grid
+from bratstune.errors import ConfigError
 
 if TYPE_CHECKING:
     from bratstune.data.case import CaseData
@@ -59,19 +70,18 @@ __all__ = [
     "preprocess_case",
     "preprocess_arrays",
     "replace_config",
+    "to_model_grid_arrays",
     "uncrop",
 ]
 
 NORMALIZATIONS = ("zscore", "none")
 #: Bump when the output of :func:`preprocess_case` changes for an unchanged config
 #: (it is part of :meth:`PreprocessConfig.fingerprint`, hence of every cache key).
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 BBox = tuple[slice, slice, slice]
 #: ``histogram_match`` value selecting the cohort's mean quantiles as the reference.
 COHORT = "cohort"
-#: Percentile levels used as histogram landmarks (0, 1, ..., 100).
-DEFAULT_LEVELS = np.linspace(0.0, 100.0, 101)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ class PreprocessConfig:
             of a reference: a ``.json`` written by :meth:`HistogramReference.save` or a ``.npy``
             preprocessed image ``(4, X, Y, Z)`` (e.g. a cache entry's ``image.npy``). ``True`` is
             read as ``"cohort"`` and ``False`` as ``None``.
+        target_spacing: voxel size ``(x, y, z)`` in mm of the model grid (axes in ``orientation``
+            order), e.g. ``[2, 2, 2]``; ``None`` = the cohort's median spacing (resolved by
+            :func:`bratstune.data.cohort.prepare_cohort`; a lone case keeps its own spacing).
+        orientation: axis codes every case is reoriented to before resampling (``"RAS"``, as
+            ``nibabel.as_closest_canonical``; ``"LPS"`` ...).
     """
 
     crop_to_brain: bool = True
@@ -97,9 +112,22 @@ class PreprocessConfig:
     normalize: str = "zscore"
     percentile_rescale: tuple[float, float] | None = None
     histogram_match: bool | str | None = None
+    target_spacing: tuple[float, float, float] | None = None
+    orientation: str = DEFAULT_ORIENTATION
 
     def __post_init__(self) -> None:
         check_choice(self.normalize, NORMALIZATIONS, "normalize")
+        object.__setattr__(self, "orientation", check_orientation(self.orientation, "orientation"))
+        if self.target_spacing is not None:
+            spacing = tuple(self.target_spacing) if isinstance(self.target_spacing, (list, tuple)) else ()
+            if len(spacing) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing
+            ):
+                raise ConfigError(
+                    f"target_spacing: expected three positive voxel sizes in mm (e.g. [2, 2, 2]) or null "
+                    f"(the cohort's median), got {self.target_spacing!r}"
+                )
+            object.__setattr__(self, "target_spacing", tuple(float(v) for v in spacing))
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ConfigError(f"margin: expected a non-negative integer, got {self.margin!r}")
         if self.percentile_rescale is not None:
@@ -126,19 +154,23 @@ class PreprocessConfig:
 
 @dataclass
 class PreprocessedCase:
-    """A case ready for sampling: cropped, normalised, channel-first.
+    """A case ready for sampling: on the model grid, cropped, normalised, channel-first.
 
     Attributes:
         case_id: the case's id.
         image: float32 ``(4, x, y, z)`` in ``MODALITIES`` order (may be a read-only ``np.memmap``).
         label: uint8 ``(x, y, z)`` in the case's label scheme, or ``None`` without a label.
-        bbox: the crop inside the original voxel grid, one ``slice`` per spatial axis.
-        original_shape: spatial shape ``(X, Y, Z)`` of the input volumes.
-        affine: 4x4 voxel-to-world matrix of the *original* grid.
-        spacing: voxel size in mm.
-        fingerprint: intensity/geometry summary before normalisation (see
-            :func:`intensity_fingerprint`).
+        bbox: the crop inside the (uncropped) model grid, one ``slice`` per spatial axis.
+        original_shape: spatial shape ``(X, Y, Z)`` of the uncropped model grid (the input's
+            shape when neither reorientation nor resampling changed it).
+        affine: 4x4 voxel-to-world matrix of the uncropped model grid.
+        spacing: voxel size in mm of the arrays (the target spacing once resampled).
+        fingerprint: intensity/geometry summary of the *input* before any step (see
+            :func:`intensity_fingerprint`), plus ``"grid"``: ``{"spacing", "orientation"}`` of the
+            model grid.
         config_fingerprint: :meth:`PreprocessConfig.fingerprint` of the options used.
+        grid: how the input grid maps onto the model grid (``None``: they are the same grid);
+            :func:`bratstune.data.resample.to_input_grid` brings model-grid arrays back.
     """
 
     case_id: str
@@ -150,6 +182,7 @@ class PreprocessedCase:
     spacing: tuple[float, float, float]
     fingerprint: dict[str, Any] = field(default_factory=dict)
     config_fingerprint: str = ""
+    grid: GridMap | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -157,7 +190,7 @@ class PreprocessedCase:
         return tuple(int(s) for s in self.image.shape[1:])  # type: ignore[return-value]
 
     def crop_affine(self) -> np.ndarray:
-        """Voxel-to-world matrix of the cropped grid (the original affine shifted by the bbox)."""
+        """Voxel-to-world matrix of the cropped grid (the model grid's affine shifted by the bbox)."""
         shift = np.eye(4)
         shift[:3, 3] = [s.start for s in self.bbox]
         return np.asarray(self.affine, dtype=float) @ shift
@@ -254,114 +287,6 @@ def intensity_fingerprint(
     }
 
 
-# --- histogram matching -------------------------------------------------------------------
-# Written here on purpose: skimage.exposure.match_histograms matches whole arrays (it cannot
-# restrict to a brain mask and is not a dependency), and TorchIO's HistogramStandardization
-# trains Nyul landmarks from image files into a 0-100 scale inside its Subject pipeline. A
-# mask-aware quantile mapping on numpy arrays is a few lines of np.percentile + np.interp.
-
-
-@dataclass(frozen=True)
-class HistogramReference:
-    """Per-channel intensity landmarks to match brain histograms onto.
-
-    Attributes:
-        levels: percentile levels ``(L,)``, increasing, in ``[0, 100]``.
-        values: ``(C, L)`` intensities at those percentiles, non-decreasing along ``L``.
-    """
-
-    levels: np.ndarray
-    values: np.ndarray
-
-    def __post_init__(self) -> None:
-        levels = np.asarray(self.levels, dtype=np.float64)
-        values = np.atleast_2d(np.asarray(self.values, dtype=np.float64))
-        if levels.ndim != 1 or values.shape[-1] != levels.size or levels.size < 2:
-            raise ValueError(
-                f"expected levels (L,) and values (C, L) with L >= 2, got {levels.shape} and {values.shape}"
-            )
-        if np.any(np.diff(levels) <= 0) or np.any(np.diff(values, axis=1) < 0):
-            raise ValueError("histogram reference levels must increase and values must not decrease")
-        object.__setattr__(self, "levels", levels)
-        object.__setattr__(self, "values", values)
-
-    @classmethod
-    def from_images(cls, images: Sequence[np.ndarray], *, levels: np.ndarray | None = None) -> HistogramReference:
-        """Mean brain-voxel landmarks of preprocessed images ``(C, X, Y, Z)`` (brain = any channel != 0)."""
-        levels = DEFAULT_LEVELS if levels is None else np.asarray(levels, dtype=np.float64)
-        per_image = []
-        for image in images:
-            image = np.asarray(image)
-            mask = brain_mask(image)
-            if not mask.any():
-                continue
-            per_image.append([np.percentile(channel[mask], levels) for channel in image])
-        if not per_image:
-            raise ValueError("cannot build a histogram reference: no image has brain voxels")
-        return cls(levels, np.mean(np.asarray(per_image, dtype=np.float64), axis=0))
-
-    def digest(self) -> str:
-        """Short hash of the landmarks (part of cache keys)."""
-        blob = np.ascontiguousarray(np.concatenate([self.levels[None], self.values])).tobytes()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def save(self, path: str | Path) -> None:
-        """Write the landmarks as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"levels": self.levels.tolist(), "values": self.values.tolist()}))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> HistogramReference:
-        """Read landmarks written by :meth:`save`."""
-        try:
-            data = json.loads(Path(path).read_text())
-            return cls(np.asarray(data["levels"]), np.asarray(data["values"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(path, f"not a histogram reference ({exc})") from None
-
-
-def load_reference(path: str | Path) -> HistogramReference:
-    """Read a reference: ``.json`` landmarks or a ``.npy`` preprocessed image ``(C, X, Y, Z)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            path,
-            "histogram reference not found; give a .json written by "
-            "HistogramReference.save or a preprocessed image .npy, or use 'cohort'",
-        )
-    if path.suffix == ".npy":
-        image = np.load(path, mmap_mode="r")
-        if image.ndim != 4:
-            raise DataError(path, f"expected a (C, X, Y, Z) image, got shape {image.shape}")
-        return HistogramReference.from_images([image])
-    return HistogramReference.load(path)
-
-
-def match_histogram(values: np.ndarray, levels: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Map ``values`` so that their quantiles at ``levels`` become ``reference``.
-
-    Piecewise-linear between landmarks (``np.interp``), monotone, so the order of voxels is kept;
-    with levels 0 and 100 the output range is exactly the reference's range.
-
-    Args:
-        values: 1-D intensities (e.g. the brain voxels of one modality).
-        levels: percentile levels ``(L,)``.
-        reference: target intensities at ``levels``, ``(L,)``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return values
-    source = np.percentile(values, levels)
-    # np.interp needs increasing landmarks: keep the first of tied source landmarks.
-    source, keep = np.unique(source, return_index=True)
-    target = np.asarray(reference, dtype=np.float64)[keep]
-    if source.size == 1:
-        return np.full_like(values, target.mean())
-    return np.interp(values, source, target)
-
-
 # --- normalisation ------------------------------------------------------------------------
 
 
@@ -430,13 +355,33 @@ def preprocess_arrays(
     return np.ascontiguousarray(np.stack(channels)), out_label, bbox  # type: ignore[return-value]
 
 
+def to_model_grid_arrays(
+    image: np.ndarray, label: np.ndarray | None, grid: GridMap
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Step 2 of the module docstring: ``(image (C, X', Y', Z') float32, label (X', Y', Z') or None)``.
+
+    Images are interpolated with cubic B-splines (nnU-Net's order 3); the brain mask (any channel
+    non-zero) is interpolated linearly and thresholded at 0.5, and image voxels outside it are set
+    to exactly 0 so the background stays background; labels (training targets) are taken
+    nearest-neighbour.
+    """
+    if grid.identity:
+        return image, label
+    if not grid.resampled:  # reorientation only: lossless, keep the dtypes
+        return to_model_grid(image, grid), None if label is None else to_model_grid(label, grid, order=0)
+    out = to_model_grid(image.astype(np.float32, copy=False), grid, order=3)
+    inside = to_model_grid(brain_mask(image).astype(np.float32), grid, order=1) >= 0.5
+    out[:, ~inside] = 0.0
+    return out, None if label is None else to_model_grid(label, grid, order=0)
+
+
 def preprocess_case(
     data: CaseData,
     config: PreprocessConfig,
     *,
     reference: HistogramReference | None = None,
 ) -> PreprocessedCase:
-    """Crop and normalise a loaded case (see the module docstring for the steps).
+    """Reorient, resample, crop and normalise a loaded case (see the module docstring for the steps).
 
     Args:
         data: a case from :func:`bratstune.data.case.load_case`.
@@ -445,7 +390,7 @@ def preprocess_case(
             read from ``config.histogram_match`` when not given.
 
     Returns:
-        The :class:`PreprocessedCase`.
+        The :class:`PreprocessedCase` on the model grid (``grid`` maps it back to the input grid).
     """
     if reference is None and config.histogram_match not in (None, COHORT):
         reference = load_reference(config.histogram_match)
@@ -463,18 +408,29 @@ def preprocess_case(
         spacing=data.spacing,
         modalities=MODALITIES if image.shape[0] == len(MODALITIES) else None,
     )
-    out, label, bbox = preprocess_arrays(image, data.label, config, reference=reference)
-    logger.debug("preprocessed %s: %s -> %s", data.case.case_id, image.shape[1:], out.shape[1:])
+    grid = plan_grid(image.shape[1:], data.affine, orientation=config.orientation, target_spacing=config.target_spacing)
+    fingerprint["grid"] = {"spacing": [round(v, 6) for v in grid.spacing], "orientation": grid.orientation}
+    on_grid, label = to_model_grid_arrays(image, data.label, grid)
+    out, label, bbox = preprocess_arrays(on_grid, label, config, reference=reference)
+    logger.debug(
+        "preprocessed %s: %s -> model grid %s (%s) -> %s",
+        data.case.case_id,
+        image.shape[1:],
+        grid.shape,
+        "resampled" if grid.resampled else "same spacing",
+        out.shape[1:],
+    )
     return PreprocessedCase(
         case_id=data.case.case_id,
         image=out,
         label=label,
         bbox=bbox,
-        original_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
-        affine=np.asarray(data.affine, dtype=float),
-        spacing=tuple(float(s) for s in data.spacing),  # type: ignore[arg-type]
+        original_shape=tuple(int(s) for s in grid.shape),  # type: ignore[arg-type]
+        affine=np.asarray(grid.affine, dtype=float),
+        spacing=grid.spacing,
         fingerprint=fingerprint,
         config_fingerprint=config.fingerprint(),
+        grid=None if grid.identity else grid,
     )
 
 

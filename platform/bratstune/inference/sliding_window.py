@@ -17,9 +17,10 @@ without views (:func:`predict_probabilities`), a packaged ensemble with them
 The mean is accumulated in float32 in a fixed order, so the same members on the same input give
 bit-identical probabilities in any process (with the same number of torch threads).
 
-:func:`probabilities_on_grid` pastes the cropped probabilities back into the input's grid
-*before* thresholding (the preprocessing does not resample; if it ever does, the probabilities
-are what must be resampled — thresholding first loses accuracy at the boundary).
+:func:`probabilities_on_grid` pastes the cropped probabilities back into the model grid and, when
+preprocessing reoriented or resampled the case, brings them onto the input's grid *before*
+thresholding (linear interpolation of probabilities: thresholding first, then resampling labels,
+loses accuracy at every boundary).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from monai.inferers import sliding_window_inference
 
 from bratstune.config_utils import check_choice
 from bratstune.data.preprocess import uncrop
+from bratstune.data.resample import GridMap, to_input_grid
 from bratstune.errors import ConfigError
 from bratstune.inference.outputs import MODES, main_output
 from bratstune.inference.views import View, apply_view, invert_view, tta_views
@@ -211,11 +213,19 @@ def probabilities_on_grid(
     original_shape: Sequence[int],
     *,
     mode: str,
+    grid: GridMap | None = None,
 ) -> np.ndarray:
-    """Paste cropped probabilities ``(K, x, y, z)`` back into the input grid ``(K, X, Y, Z)``.
+    """Paste cropped probabilities ``(K, x, y, z)`` back into the model grid, then onto the input grid.
 
     Outside the crop (no brain) every region probability is 0; in label mode the background
-    channel (0) is 1 there.
+    channel (0) is 1 there. With ``grid`` (``PreprocessedCase.grid``: the case was reoriented
+    and/or resampled), the probabilities on the model grid ``original_shape`` are mapped back to
+    the input grid ``grid.input_shape`` by :func:`bratstune.data.resample.to_input_grid` (inverse
+    reorientation, linear interpolation); region probabilities stay in ``[0, 1]`` and label-mode
+    channels still sum to 1 (linear interpolation is a convex combination).
+
+    Returns:
+        float32 ``(K, X, Y, Z)`` on the input grid.
     """
     array = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     out = uncrop(np.ascontiguousarray(array, dtype=np.float32), bbox, original_shape, fill=0.0)
@@ -223,4 +233,6 @@ def probabilities_on_grid(
         outside = np.ones(out.shape[1:], dtype=bool)
         outside[tuple(bbox)] = False
         out[0][outside] = 1.0
+    if grid is not None:
+        out = to_input_grid(out, grid, order=1)
     return out

@@ -14,12 +14,17 @@ For every case :func:`bratstune.data.layout.discover` finds (any supported namin
 2. load, preprocess, ensemble inference, threshold, post-process (``Ensemble.segment``), and write
    ``<out>/<case-id>-seg.nii.gz`` with the input's affine and header through a temporary file and
    a rename (an interrupted run never leaves a partial NIfTI) (:mod:`bratstune.predict.worker`);
-3. compare its fingerprint with the training data's (:mod:`bratstune.predict.drift`): flags, never refusal;
+3. compare its fingerprint with the training data's (:mod:`bratstune.predict.drift`) and check the
+   prediction's plausibility (:mod:`bratstune.predict.plausibility`: empty, whole tumour too large
+   for the brain, labels outside the brain, ET without TC, unusual component counts): flags,
+   never refusal;
 4. QC thumbnail ``<out>/qc/<case-id>.png``; region volumes (mL) and lesion counts.
 
-Then ``predictions.csv`` (every finished case of the cohort), ``failures.csv`` (case, one-line
-reason), ``report.html`` + ``qc/summary.png``, and an MLflow run with the model version, counts
-and failures. The ledger is rewritten after each case, so a killed run resumes where it stopped.
+Then the cohort-level plausibility flags (this cohort's volumes and lesion counts against the
+model's out-of-fold statistics), ``predictions.csv`` (every finished case of the cohort, with its
+``drift`` and ``plausibility`` flags), ``failures.csv`` (case, one-line reason), ``report.html`` +
+``qc/summary.png``, and an MLflow run with the model version, counts, flags and failures. The
+ledger is rewritten after each case, so a killed run resumes where it stopped.
 
 Parallelism: ``workers=1`` runs in this process without Ray; ``workers>1`` starts one Ray actor
 per worker (1 CPU each, ``threads`` torch threads), each loading the model once.
@@ -48,6 +53,7 @@ from bratstune.ensemble.package import Ensemble
 from bratstune.ensemble.registry import LoadedEnsemble, load_ensemble
 from bratstune.errors import ConfigError, DataError
 from bratstune.predict.ledger import Ledger
+from bratstune.predict.plausibility import PlausibilityRules, cohort_flags
 from bratstune.predict.report import save_summary_plot, write_report
 from bratstune.predict.worker import QC_DIR, CasePredictor, one_line, run_local, run_ray
 from bratstune.tracking.runs import setup_mlflow, start_run
@@ -55,6 +61,8 @@ from bratstune.tracking.runs import setup_mlflow, start_run
 logger = logging.getLogger(__name__)
 
 __all__ = ["BatchSummary", "predict_cohort", "watch"]
+
+WORK_PREFIX = ".bratstune-work-"  # a run's scratch folder inside the output folder
 
 PREDICTIONS_FILE = "predictions.csv"
 FAILURES_FILE = "failures.csv"
@@ -74,6 +82,8 @@ class BatchSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)
+    implausible: list[str] = field(default_factory=list)
+    cohort_flags: list[str] = field(default_factory=list)
     seconds: float = 0.0
     mlflow_run_id: str | None = None
 
@@ -84,7 +94,8 @@ class BatchSummary:
     def line(self) -> str:
         return (
             f"{self.cases} case(s): {len(self.predicted)} predicted, {len(self.skipped)} already done, "
-            f"{len(self.failures)} failed, {len(self.flagged)} drift-flagged ({self.seconds:.1f} s)"
+            f"{len(self.failures)} failed, {len(self.flagged)} drift-flagged, "
+            f"{len(self.implausible)} implausible, {len(self.cohort_flags)} cohort flag(s) ({self.seconds:.1f} s)"
         )
 
 
@@ -182,16 +193,40 @@ class _Batch:
         ]
         summary.failures = [{"case_id": c, "reason": r} for c, r in sorted(self.failures.items())]
         summary.flagged = [r["case_id"] for r in summary.rows if r.get("drift")]
+        summary.implausible = [r["case_id"] for r in summary.rows if r.get("plausibility")]
         return summary
 
 
-def _actor_folder(loaded: LoadedEnsemble, stack: contextlib.ExitStack) -> Path:
-    """An ensemble folder Ray actors can load (saved to a temporary folder if the download is gone)."""
+def _work_dir(out: Path, stack: contextlib.ExitStack) -> Path:
+    """This run's hidden scratch folder inside ``out`` (model download, actors' copy); removed at the end.
+
+    Never the system temp folder: a run killed before its clean-up leaves it in ``out``, and the
+    next run there removes it (folders of runs that are still going are left alone).
+    """
+    for stale in out.glob(f"{WORK_PREFIX}*"):
+        pid = stale.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=out))
+    stack.callback(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _actor_folder(loaded: LoadedEnsemble, work: Path) -> Path:
+    """An ensemble folder Ray actors can load (the download, else a copy saved into ``work``)."""
     if loaded.folder is not None:
         return loaded.folder
-    tmp = Path(tempfile.mkdtemp(prefix="bratstune-predict-model-"))
-    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-    return loaded.ensemble.save(tmp / "ensemble")
+    return loaded.ensemble.save(work / "actor-model")
 
 
 def predict_cohort(
@@ -208,6 +243,7 @@ def predict_cohort(
     settle_s: float = 0.0,
     experiment: str | None = "bratstune-predict",
     use_ray: bool | None = None,
+    plausibility: PlausibilityRules | Mapping[str, Any] | None = None,
 ) -> BatchSummary:
     """Predict every new or changed case of ``cohort`` into ``out`` (see the module docstring).
 
@@ -226,19 +262,21 @@ def predict_cohort(
         experiment: MLflow experiment of the batch run; ``None`` = no MLflow run.
         use_ray: run through Ray actors; default ``workers > 1`` (``True`` with ``workers=1``:
             one actor, e.g. on a cluster).
+        plausibility: thresholds of the plausibility flags (:class:`PlausibilityRules` or a
+            mapping of its fields, e.g. ``{"max_brain_share": 0.2}``); default the class defaults.
 
     Returns:
         :class:`BatchSummary` (``ok`` is False when a case failed).
     """
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
+    rules = PlausibilityRules.from_mapping(plausibility)
     start = time.perf_counter()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        loaded = model if isinstance(model, LoadedEnsemble) else load_ensemble(model, keep_download=True)
-        if loaded is not model:
-            stack.callback(loaded.cleanup)  # a download is kept for the Ray actors until the batch ends
+        work = _work_dir(out, stack)  # a models:/ download is kept there for the Ray actors until the batch ends
+        loaded = model if isinstance(model, LoadedEnsemble) else load_ensemble(model, dst=work / "model")
         ens = loaded.ensemble
         batch = _Batch(BatchSummary(Path(cohort), out, loaded.label), loaded, Ledger(out))
         found = discover(cohort, strict=False, modalities=ens.modalities)
@@ -253,19 +291,28 @@ def predict_cohort(
         )
         if progress and todo:
             batch.bar = tqdm(total=len(todo), desc="predicting", unit="case")
-        kwargs = {"out": str(out), "model_label": loaded.label, "device": device, "thumbnails": thumbnails}
+        kwargs = {
+            "out": str(out),
+            "model_label": loaded.label,
+            "device": device,
+            "thumbnails": thumbnails,
+            "plausibility": rules,
+        }
         try:
             if todo and not (workers > 1 if use_ray is None else use_ray):
                 run_local(todo, lambda: CasePredictor(None, threads=threads, ensemble=ens, **kwargs), batch.on_result)
             elif todo:
                 per = threads or max(1, (os.cpu_count() or 1) // workers)
-                folder = str(_actor_folder(loaded, stack))
+                folder = str(_actor_folder(loaded, work))
                 run_ray(todo, workers, {**kwargs, "model_folder": folder, "threads": per}, batch.on_result)
         finally:
             if batch.bar is not None:
                 batch.bar.close()
             batch.ledger.save()
         summary = batch.finish({c.case_id for c in found.cases})
+        summary.cohort_flags = cohort_flags(summary.rows, ens.scheme, ens.oof_statistics, rules)
+        for flag in summary.cohort_flags:
+            logger.warning("cohort: %s", flag)
         _write_outputs(summary, ens)
         summary.seconds = time.perf_counter() - start
         if experiment:
@@ -284,7 +331,7 @@ def _write_outputs(summary: BatchSummary, ens: Ensemble) -> None:
         *(f"volume_{r}_ml" for r in regions),
         *(f"lesions_{r}" for r in regions),
         *("seconds", "load_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "qc_s", "shape"),
-        *("drift", "finished"),
+        *("drift", "plausibility", "finished"),
     ]
     _write_csv(out / PREDICTIONS_FILE, summary.rows, columns)
     _write_csv(out / FAILURES_FILE, summary.failures, ["case_id", "reason"])
@@ -295,6 +342,7 @@ def _write_outputs(summary: BatchSummary, ens: Ensemble) -> None:
         "already done": len(summary.skipped),
         "failed": len(summary.failures),
         "drift-flagged": len(summary.flagged),
+        "implausible": len(summary.implausible),
     }
     write_report(
         out / REPORT_FILE,
@@ -304,6 +352,7 @@ def _write_outputs(summary: BatchSummary, ens: Ensemble) -> None:
         model=summary.model,
         summary_png=png,
         counts=counts,
+        cohort_flags=summary.cohort_flags,
     )
 
 
@@ -331,6 +380,8 @@ def _log_batch(summary: BatchSummary, loaded: LoadedEnsemble, experiment: str) -
                 "skipped": len(summary.skipped),
                 "failed": len(summary.failures),
                 "drift_flagged": len(summary.flagged),
+                "implausible": len(summary.implausible),
+                "cohort_flags": len(summary.cohort_flags),
                 "seconds": summary.seconds,
             }
         )
@@ -340,6 +391,7 @@ def _log_batch(summary: BatchSummary, loaded: LoadedEnsemble, experiment: str) -
         for name in (PREDICTIONS_FILE, FAILURES_FILE, REPORT_FILE):
             mlflow.log_artifact(str(summary.out / name))
         mlflow.set_tag("failures", "; ".join(f"{f['case_id']}: {f['reason']}" for f in summary.failures)[:5000])
+        mlflow.set_tag("cohort_flags", "; ".join(summary.cohort_flags)[:5000])
         return run.info.run_id
 
 

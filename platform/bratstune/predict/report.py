@@ -5,8 +5,9 @@
 * :func:`save_thumbnail`: one PNG per case, three orthogonal FLAIR slices through the tumour
   centre with the labels overlaid (legend = scheme labels);
 * :func:`save_summary_plot`: cohort summary (region volumes and lesion counts per region, one point
-  per case, drift-flagged cases in red);
-* :func:`write_report`: ``report.html`` (cohort counts, summary plot, failures, one card per case).
+  per case, drift- or plausibility-flagged cases in red);
+* :func:`write_report`: ``report.html`` (cohort counts, cohort-level flags, summary plot, failures,
+  one row and one card per case with its drift and plausibility flags).
 
 Matplotlib is used through its object API with the Agg canvas (no global backend change).
 """
@@ -102,7 +103,7 @@ def save_thumbnail(
 
 
 def save_summary_plot(path: Path, rows: Sequence[Mapping[str, Any]], scheme: Any) -> Path | None:
-    """Region volumes and lesion counts across the cohort (one point per case, red = drift flag)."""
+    """Region volumes and lesion counts across the cohort (one point per case, red = drift or plausibility flag)."""
     # Deferred: matplotlib is heavy; see save_thumbnail.
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
@@ -114,7 +115,7 @@ def save_summary_plot(path: Path, rows: Sequence[Mapping[str, Any]], scheme: Any
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2, 2, 1.4]})
     rng = np.random.default_rng(0)
-    flagged = np.asarray([bool(r.get("drift")) for r in rows])
+    flagged = np.asarray([bool(r.get("drift") or r.get("plausibility")) for r in rows])
     for ax, key, label in ((axes[0], "volume_{}_ml", "volume (mL)"), (axes[1], "lesions_{}", "lesions")):
         data = [np.asarray([float(r.get(key.format(g), 0) or 0) for r in rows]) for g in regions]
         ax.boxplot(data, showfliers=False)
@@ -180,26 +181,39 @@ def _failures_table(failures: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _flag_cell(text: str) -> str:
+    return f"<td class='flag' style='text-align:left'>{html.escape(text)}</td>" if text else "<td class='ok'>ok</td>"
+
+
 def _case_row(r: Mapping[str, Any], regions: Sequence[str]) -> str:
-    drift = r.get("drift") or ""
     case_id = html.escape(str(r["case_id"]))
     cells = "".join(
         f"<td>{_cell(r.get(f'volume_{g}_ml', ''))}</td><td>{_cell(r.get(f'lesions_{g}', ''))}</td>" for g in regions
     )
-    flag = f"<td class='flag' style='text-align:left'>{html.escape(drift)}</td>" if drift else "<td class='ok'>ok</td>"
     return (
         f"<tr><td style='text-align:left'><a href='#{case_id}'>{case_id}</a></td>{cells}"
-        f"<td>{_cell(r.get('seconds', ''))}</td>{flag}</tr>"
+        f"<td>{_cell(r.get('seconds', ''))}</td>{_flag_cell(r.get('plausibility') or '')}"
+        f"{_flag_cell(r.get('drift') or '')}</tr>"
     )
 
 
 def _case_card(r: Mapping[str, Any]) -> str:
     thumb = r.get("thumbnail")
-    drift = r.get("drift") or ""
     case_id = html.escape(str(r["case_id"]))
     img = f"<img src='{html.escape(str(thumb))}' alt='{case_id}'>" if thumb else ""
-    flag = f"<div class='flag'>drift: {html.escape(drift)}</div>" if drift else ""
-    return f"<div class='card' id='{case_id}'><b>{case_id}</b>{img}{flag}</div>"
+    flags = "".join(
+        f"<div class='flag'>{kind}: {html.escape(str(r.get(key)))}</div>"
+        for key, kind in (("plausibility", "implausible"), ("drift", "drift"))
+        if r.get(key)
+    )
+    return f"<div class='card' id='{case_id}'><b>{case_id}</b>{img}{flags}</div>"
+
+
+def _cohort_flags(flags: Sequence[str]) -> list[str]:
+    if not flags:
+        return []
+    items = "".join(f"<li class='flag'>{html.escape(f)}</li>" for f in flags)
+    return [f"<h2>Cohort flags</h2><p>Compared with the model's out-of-fold predictions:</p><ul>{items}</ul>"]
 
 
 def write_report(
@@ -211,8 +225,13 @@ def write_report(
     model: str,
     summary_png: Path | None,
     counts: Mapping[str, int],
+    cohort_flags: Sequence[str] = (),
 ) -> Path:
-    """Write ``report.html`` (relative links to ``qc/*.png`` next to it)."""
+    """Write ``report.html`` (relative links to ``qc/*.png`` next to it).
+
+    ``cohort_flags`` (:func:`bratstune.predict.plausibility.cohort_flags`) get their own section;
+    each case row shows its plausibility and drift flags ("ok" when none).
+    """
     path = Path(path)
     regions = list(scheme.regions)
     parts = [
@@ -221,6 +240,7 @@ def write_report(
         f"<h1>Batch prediction report</h1><p>model <b>{html.escape(model)}</b> &middot; scheme "
         f"{html.escape(scheme.name)} &middot; {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         _counts_table(counts),
+        *_cohort_flags(cohort_flags),
     ]
     if summary_png is not None:
         parts.append(
@@ -231,7 +251,7 @@ def write_report(
     parts.append(
         f"<h2>Cases ({len(rows)})</h2><table><tr><th>case</th>"
         + "".join(f"<th>{r} mL</th><th>{r} lesions</th>" for r in regions)
-        + "<th>seconds</th><th>drift</th></tr>"
+        + "<th>seconds</th><th>plausibility</th><th>drift</th></tr>"
     )
     parts.extend(_case_row(r, regions) for r in rows)
     parts.append("</table><h2>QC thumbnails</h2><div class='cards'>")

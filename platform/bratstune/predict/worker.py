@@ -1,11 +1,12 @@
 """One prediction worker: load the ensemble once, then predict case after case (in-process or as Ray actors).
 
 :class:`CasePredictor` runs one case end to end: load the NIfTI files, ``Ensemble.segment``
-(preprocess, sliding window + TTA + mean, decode, post-process), write
-``<out>/<case-id>-seg.nii.gz`` with the input's affine and header (temp file + rename), drift
-flags against the training fingerprint, region volumes and lesion counts, and the QC thumbnail
-``<out>/qc/<case-id>.png``. A case that cannot be predicted returns ``{"case_id", "error"}``
-instead of raising, so a bad case never stops the batch.
+(reorient + resample to the model grid, preprocess, sliding window + TTA + mean, probabilities
+back to the input grid, decode, post-process), write ``<out>/<case-id>-seg.nii.gz`` with the
+input's affine, header and shape (temp file + rename), drift flags against the training
+fingerprint, plausibility flags (:mod:`bratstune.predict.plausibility`), region volumes and
+lesion counts, and the QC thumbnail ``<out>/qc/<case-id>.png``. A case that cannot be predicted
+returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops the batch.
 
 :func:`run_local` drives one predictor in this process; :func:`run_ray` one Ray actor per worker
 (1 CPU each), replacing an actor that dies (e.g. out of memory) and recording its case as failed.
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bratstune.data.case import load_case
@@ -28,6 +30,7 @@ from bratstune.ensemble.package import Ensemble
 from bratstune.errors import DataError
 from bratstune.metrics.volumes import region_stats
 from bratstune.predict.drift import check_drift
+from bratstune.predict.plausibility import PlausibilityRules, case_flags
 from bratstune.predict.report import save_thumbnail
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class CasePredictor:
         threads: ``torch.set_num_threads`` (``None``: leave torch's setting).
         thumbnails: write ``qc/<case>.png``.
         ensemble: an already loaded ensemble (in-process use).
+        plausibility: thresholds of the plausibility flags (default :class:`PlausibilityRules`).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class CasePredictor:
         threads: int | None = None,
         thumbnails: bool = True,
         ensemble: Ensemble | None = None,
+        plausibility: PlausibilityRules | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(int(threads))
@@ -80,6 +85,7 @@ class CasePredictor:
         self.model_label = model_label
         self.device = device
         self.thumbnails = thumbnails
+        self.plausibility = plausibility or PlausibilityRules()
 
     def __call__(self, case: Any) -> Row:
         """Row for ``predictions.csv``, or ``{"case_id", "error"}`` when the case cannot be predicted."""
@@ -113,7 +119,17 @@ class CasePredictor:
         t3 = time.perf_counter()
         flags = check_drift(seg.fingerprint, ens.training_fingerprint)
         stats = region_stats(seg.labels, ens.scheme, data.spacing)
-        thumb = self._thumbnail(case, data, seg.labels, stats, bool(flags)) if self.thumbnails else None
+        implausible = case_flags(
+            seg.labels,
+            np.any(np.asarray(data.image) != 0, axis=0),
+            ens.scheme,
+            stats=stats,
+            hierarchy=seg.hierarchy,
+            oof=ens.oof_statistics,
+            rules=self.plausibility,
+        )
+        flagged = bool(flags or implausible)
+        thumb = self._thumbnail(case, data, seg.labels, stats, flagged) if self.thumbnails else None
         return {
             "case_id": case.case_id,
             "output": name,
@@ -126,6 +142,7 @@ class CasePredictor:
             "qc_s": round(time.perf_counter() - t3, 3),
             "shape": "x".join(str(s) for s in seg.labels.shape),
             "drift": "; ".join(flags),
+            "plausibility": "; ".join(implausible),
             "thumbnail": thumb,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -220,7 +220,10 @@ class DataConfig:
         prefetch_factor: batches prepared ahead per worker.
         augment: mapping for ``bratstune.data.augment`` (its ``AugmentConfig``); ``null`` = none.
         preprocess: mapping for ``bratstune.data.preprocess.PreprocessConfig`` (used by the
-            callers that build the cache, e.g. ``bratstune train``).
+            callers that build the cache, e.g. ``bratstune train``): ``target_spacing`` (mm,
+            e.g. ``[2, 2, 2]``, the CPU presets' value; ``null`` = the cohort's median spacing),
+            ``orientation`` (default ``RAS``), ``crop_to_brain``, ``margin``, ``normalize``,
+            ``percentile_rescale``, ``histogram_match``.
     """
 
     patch_size: tuple[int, int, int] | int = (48, 48, 48)
