@@ -96,7 +96,7 @@ SMOKE_DEFAULTS: dict[str, Any] = {
     "resources": {"cpu": 1, "gpu": 0},
     "scheduler": {"max_t": 2, "grace_period": 1},
     "base": {
-        "data": {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0},
+        "data": {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "preprocess": {"target_spacing": None}},
         "validation": {"overlap": 0.0, "max_cases": 2},
         "epochs": 2,
         "steps_per_epoch": 2,

@@ -27,9 +27,11 @@ from bratstune.ensemble import promotion, registry
 from bratstune.ensemble.gate import GateSpec
 from bratstune.ensemble.member import Member
 from bratstune.ensemble.package import Ensemble
+from bratstune.metrics.volumes import oof_statistics
 from bratstune.search.crossval.decode_tuning import DecodeTuning
 from bratstune.search.crossval.fold_trials import BEST_DIR, FOLDS_DIR
 from bratstune.search.crossval.folds import FoldPlan
+from bratstune.search.crossval.oof import load_oof
 from bratstune.search.crossval.parent_run import prefixed
 from bratstune.tracking.runs import git_commit
 
@@ -97,6 +99,14 @@ def _lineage(plan: FoldPlan, cv_run_id: str, search_run_id: str | None, cases: C
     return lineage
 
 
+def _oof_statistics(out_dir: Path, plan: FoldPlan, tuning: DecodeTuning) -> dict[str, Any]:
+    """Predicted volumes and lesion counts of the out-of-fold cases under the deployed decode: what
+    batch prediction compares a new cohort with (plausibility flags)."""
+    oof = [case for fold in range(plan.k) for case in load_oof(out_dir, plan.held_out_cases(fold))]
+    labels = (tuning.settings.decode_regions(case.probs, plan.scheme) for case in oof)
+    return oof_statistics(labels, [case.spacing for case in oof], scheme=plan.scheme)
+
+
 def build_ensemble(
     out_dir: Path,
     plan: FoldPlan,
@@ -118,6 +128,7 @@ def build_ensemble(
         inference=inference or None,
         decode=tuning.settings,
         training_fingerprint=training_fingerprint(c.fingerprint for c in plan.prepared.cases),
+        oof_statistics=_oof_statistics(out_dir, plan, tuning),
         lineage=_lineage(plan, cv_run_id, search_run_id, case_record(plan, tuning)[0]),
         metrics=_metrics(tuning),
     )

@@ -92,7 +92,9 @@ SELECTIONS = ("inner", "fixed")
 #: What ``smoke: true`` writes over the config: a tiny, fast CPU run.
 SMOKE_OVERRIDES: dict[str, Any] = {
     "model": {"name": "unet", "kwargs": {"filters": [8, 16, 32], "deep_supervision": False}},
-    "data": {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0},
+    # target_spacing null: the cohort's own grid (a smoke cohort is coarse; resampling it to the
+    # presets' 2 mm would multiply its voxels)
+    "data": {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "preprocess": {"target_spacing": None}},
     "validation": {"lesion_metrics": False, "overlap": 0.25},
     "epochs": 1,
     "steps_per_epoch": 3,
