@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import _bootstrap
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         study.run_variants(args, _space_variants(args.space), title="finetune-transfer")
         return 0
     # a single fine-tuning run, in process (no Ray, no MLflow)
-    work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-finetune-")).resolve()
+    work = Path(args.out or study.default_out("finetune")).resolve()
     source, target, overrides = study.study_inputs(args, work)
     model = load_source(source, args.scheme_hint, member=args.member)
     data, challenge = prepare_target(

@@ -42,6 +42,9 @@ def build_parser(default_space: Path = DEFAULT_SPACE, description: str | None = 
     parser.add_argument("--experiment", default="bratstune-search", help="MLflow experiment name")
     parser.add_argument("--synthetic-cases", type=int, default=None, help="size of the generated cohort")
     parser.add_argument("--workers", type=int, default=1, help="processes preprocessing the cohort")
+    parser.add_argument("--splits", type=Path, default=None, help="nnU-Net splits_final.json: use entry --fold")
+    parser.add_argument("--fold", type=int, default=0, help="the splits file's entry (default 0)")
+    parser.add_argument("--val-data", type=Path, default=None, help="a separate labelled validation cohort")
     return parser
 
 
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None, *, default_space: Path = DEFAULT_SPACE, 
         if data is None:
             cases = args.synthetic_cases or (8 if args.smoke_test else 16)
             data = synthetic_cohort(cases=cases, shape=(48, 48, 32) if args.smoke_test else (64, 64, 48))
-        handle = prepare_data(spec, data, workers=args.workers)
+        handle = prepare_data(
+            spec, data, workers=args.workers, splits=args.splits, fold=args.fold, val_root=args.val_data
+        )
         outcome = run_search(
             spec,
             handle,

@@ -24,6 +24,7 @@ from bratstune.errors import ConfigError
 from bratstune.search.data import synthetic_cohort
 from bratstune.search.threshold_job import run_threshold_search
 from bratstune.search.threshold_space import load_threshold_space
+from bratstune.tracking.runs import experiment_link
 
 DEFAULT_SPACE = _bootstrap.ROOT / "search_spaces" / "thresholds.yaml"
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{spec.metric}: {outcome.best_metric:.4f} (default thresholds: {outcome.baseline_metric:.4f})")
     for key, value in outcome.best_values.items():
         print(f"  {key}: {value}")
-    print(f"MLflow run {run_id}; compare: mlflow ui --backend-store-uri {session.tracking_uri}")
+    print(f"MLflow run {run_id}; compare: {experiment_link(session.tracking_uri, session.experiment_id)}")
     return 0
 
 

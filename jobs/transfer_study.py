@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import sys
-import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import _bootstrap
+from bratstune import paths
 from bratstune.data.cohort import prepare_cohort, preprocess_config, split_train_val
 from bratstune.data.synthetic import generate_cohort
 from bratstune.errors import ConfigError
@@ -234,9 +235,14 @@ def _finish_parent(
     return winner
 
 
+def default_out(title: str) -> Path:
+    """``<BRATSTUNE_HOME>/results/<title>-<YYYYmmdd-HHMMSS>``: a study's work folder when ``--out`` is not given."""
+    return paths.results_dir() / f"{title}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run_variants(args: argparse.Namespace, variants: Sequence[str], *, title: str) -> dict[str, dict[str, float]]:
     """Run ``variants`` as a Ray Tune grid with MLflow child runs; return ``{variant: metrics}``."""
-    work = Path(args.out or tempfile.mkdtemp(prefix="bratstune-transfer-")).resolve()
+    work = Path(args.out or default_out(title)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     source, target, overrides = study_inputs(args, work)
     # Ray (a local one of --cpus CPUs, or $RAY_ADDRESS) and MLflow for the whole study.
@@ -293,7 +299,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs (= parallel trials)")
     p.add_argument("--experiment", default="bratstune-transfer")
-    p.add_argument("--out", default=None, help="work folder (default a temporary folder)")
+    p.add_argument("--out", default=None, help="work folder (default .bratstune/results/<study>-<timestamp>)")
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic GLI -> SSA run")
     return p
 

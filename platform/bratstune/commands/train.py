@@ -2,7 +2,10 @@
 
 Steps: read the config (YAML file or bundled preset, then ``--set`` overrides), discover the
 labelled cases under ``--data``, prepare them in the preprocessing cache, hold out
-``--val-fraction`` of them (stratified by tumour volume), and run :func:`bratstune.training.fit.fit`
+``--val-fraction`` of them (stratified by tumour volume; or take entry ``--fold`` of a
+``--splits`` file, nnU-Net's ``splits_final.json`` shape, or validate on a separate
+``--val-data`` cohort), record which cases train and which select the epoch (``cases.json``
+in the output folder and on the run), and run :func:`bratstune.training.fit.fit`
 inside an MLflow run (embedded SQLite store unless ``MLFLOW_TRACKING_URI`` is set) that records
 the resolved config (params + ``config.yaml``), per-epoch metrics, the best model
 (``best_model/``) and ``validation.png`` (reference vs predicted labels on validation slices).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +25,15 @@ import mlflow
 
 from bratstune import paths
 from bratstune.config_utils import apply_overrides, load_yaml
-from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config, split_train_val
+from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config
+from bratstune.data.splits import CASES_FILE, CaseRecord, train_val
 from bratstune.errors import ConfigError
 from bratstune.inference.outputs import decode_prediction
 from bratstune.inference.sliding_window import predict_probabilities
 from bratstune.presets import load_preset
 from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking.artifacts import localise_config
-from bratstune.tracking.runs import setup_mlflow, start_run
+from bratstune.tracking.runs import experiment_link, log_cohort_input, setup_mlflow, start_run
 from bratstune.training.config import load_train_config
 from bratstune.training.fit import fit, inference_settings, resolve_config
 from bratstune.training.validate import save_overlay_png
@@ -48,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set loss.weights.dice=1.0 (repeatable)",
     )
     parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of cases held out (default 0.2)")
+    parser.add_argument("--splits", type=Path, help="nnU-Net splits_final.json: train and validate on entry --fold")
+    parser.add_argument("--fold", type=int, default=0, help="the splits file's entry (default 0)")
+    parser.add_argument("--val-data", type=Path, help="a separate labelled validation cohort (all of --data trains)")
     parser.add_argument("--out", type=Path, help="output folder (default .bratstune/results/train-<time>)")
     parser.add_argument("--experiment", default="bratstune-train", help="MLflow experiment name")
     parser.add_argument("--run-name", help="MLflow run name")
@@ -105,7 +113,21 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare_cohort(args.data, preprocess_config(config.data.preprocess), workers=args.workers)
     if config.challenge is None:
         config = dataclasses.replace(config, challenge=prepared.challenge or "GLI")
-    data: TrainData = split_train_val(prepared.cases, prepared.scheme, val_fraction=args.val_fraction, seed=config.seed)
+    val_cases = None
+    if args.val_data is not None:  # the same preprocessing, so the validation cases match the training ones
+        val_cases = prepare_cohort(
+            args.val_data, prepared.preprocess or preprocess_config(config.data.preprocess)
+        ).cases
+    data: TrainData = train_val(
+        prepared.cases,
+        prepared.scheme,
+        splits=args.splits,
+        fold=args.fold,
+        val_cases=val_cases,
+        val_fraction=args.val_fraction,
+        seed=config.seed,
+    )
+    cases = CaseRecord(trained=[c.case_id for c in data.train], selected=[c.case_id for c in data.val])
     out = (args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute()
     print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, output {out}")
 
@@ -125,6 +147,16 @@ def run(args: argparse.Namespace) -> int:
         data_fingerprint=prepared.fingerprint,
         config=config,
     ) as run:
+        log_cohort_input(
+            run.info.run_id,
+            name=Path(args.data).resolve().name,
+            fingerprint=prepared.fingerprint,
+            root=Path(args.data).resolve(),
+            cases=len(data.train) + len(data.val),
+            profile={"train_cases": len(data.train), "val_cases": len(data.val)},
+        )
+        mlflow.log_text(json.dumps(cases.to_json(), indent=1), CASES_FILE)  # what it trained and selected on
+        cases.write(out / CASES_FILE)
         # The config logged above keeps its URIs; fit gets them as local folders.
         local, _ = localise_config(config.to_dict(), dst=out / "init")
         result = fit(load_train_config(local), data, reporter=MlflowReporter(), out_dir=out, resume_from=args.resume)
@@ -137,5 +169,7 @@ def run(args: argparse.Namespace) -> int:
     for line in _summary_lines(result, prepared.scheme):
         print(line)
     print(f"best model: {result.best_dir or '-'}  last checkpoint: {result.last_checkpoint or '-'}")
-    print(f"MLflow run {run_id} in experiment '{args.experiment}' ({mlflow.get_tracking_uri()})")
+    print(
+        f"MLflow run {run_id} in experiment '{args.experiment}': {experiment_link(mlflow.get_tracking_uri(), experiment_id)}"
+    )
     return 0

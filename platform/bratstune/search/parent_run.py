@@ -1,8 +1,9 @@
 """The driver's MLflow parent run of a search: what it records, and how a resume finds it again.
 
 The parent run holds the space file, the resolved space and base config, the seed, the data
-fingerprint and split, the git commit (tags of :func:`bratstune.tracking.runs.run_tags`); each
-trial's child run points at it with ``mlflow.parentRunId``. Its id is also written next to the
+fingerprint and split, the git commit (tags of :func:`bratstune.tracking.runs.run_tags`), the
+objective (tag ``search.objective``, params ``metric`` / ``mode``) and the cohort as a dataset
+input (the runs table's Dataset column); each trial's child run points at it with ``mlflow.parentRunId``. Its id is also written next to the
 Tune experiment (``bratstune_search.json``) so that ``--resume`` reopens the same run; on remote
 storage the ``search.experiment`` tag finds it instead.
 """
@@ -19,11 +20,27 @@ from mlflow.tracking import MlflowClient
 
 from bratstune.search.data import DataHandle
 from bratstune.search.space import SearchSpec
-from bratstune.tracking.runs import run_tags
+from bratstune.tracking.filters import tag_equals
+from bratstune.tracking.runs import log_cohort_input, run_tags
 
-__all__ = ["META_FILE", "find_parent_run", "start_parent_run", "stop_all_trial_runs", "write_meta"]
+__all__ = [
+    "META_FILE",
+    "OBJECTIVE_TAG",
+    "find_parent_run",
+    "objective_text",
+    "start_parent_run",
+    "stop_all_trial_runs",
+    "write_meta",
+]
 
 META_FILE = "bratstune_search.json"
+#: Parent-run tag: what the search optimises, e.g. ``max val/dice_lesion_mean``.
+OBJECTIVE_TAG = "search.objective"
+
+
+def objective_text(spec: SearchSpec) -> str:
+    """``"max val/dice_lesion_mean"`` (several objectives joined by ``, ``)."""
+    return ", ".join(f"{mode} {metric}" for metric, mode in spec.objectives)
 
 
 def _params(spec: SearchSpec, data: DataHandle, algorithm: str | None, scheduler: str | None) -> dict[str, Any]:
@@ -63,7 +80,13 @@ def start_parent_run(
     scheduler: str | None = None,
 ) -> str:
     """Create the parent run of search ``name`` (Tune experiment at ``path``); returns its id."""
-    extra = {"search.experiment": name, "search.space": spec.name, "search.storage": path, "bratstune.kind": "search"}
+    extra = {
+        "search.experiment": name,
+        "search.space": spec.name,
+        "search.storage": path,
+        "bratstune.kind": "search",
+        OBJECTIVE_TAG: objective_text(spec),
+    }
     tags = run_tags(data_fingerprint=data.fingerprint, extra=extra)
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     for key, value in _params(spec, data, algorithm, scheduler).items():
@@ -74,6 +97,15 @@ def start_parent_run(
     client.log_text(run_id, yaml.safe_dump(spec.base_config().to_dict(), sort_keys=False), "space/base_config.yaml")
     split = {"train": [c.case_id for c in data.train_cases], "val": [c.case_id for c in data.val_cases]}
     client.log_text(run_id, json.dumps(split, indent=1), "data/split.json")
+    log_cohort_input(
+        run_id,
+        name=Path(data.root).name,
+        fingerprint=data.fingerprint,
+        root=data.root,
+        cases=len(data.train_cases) + len(data.val_cases),
+        profile={"train_cases": len(data.train_cases), "val_cases": len(data.val_cases)},
+        client=client,
+    )
     return run_id
 
 
@@ -90,14 +122,14 @@ def find_parent_run(client: MlflowClient, experiment_id: str, path: str, name: s
     meta = Path(path) / META_FILE
     if "://" not in path and meta.is_file():
         return json.loads(meta.read_text()).get("parent_run_id")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`search.experiment` = '{name}'", max_results=1)
+    runs = client.search_runs([experiment_id], filter_string=tag_equals("search.experiment", name), max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def stop_all_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> int:
     """Mark child runs of ``parent_run_id`` still RUNNING as KILLED (after a hard driver kill)."""
     client = MlflowClient(tracking_uri)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    runs = client.search_runs([experiment_id], filter_string=tag_equals("mlflow.parentRunId", parent_run_id))
     count = 0
     for run in runs:
         if run.info.status == "RUNNING":

@@ -32,8 +32,10 @@ import yaml
 
 from bratstune.search.callback import find_trial_run
 from bratstune.search.params import ParamSpec
+from bratstune.search.parent_run import objective_text
 from bratstune.search.pareto import pareto_rows, save_pareto_plot
 from bratstune.search.space import SearchSpec
+from bratstune.tracking.runs import experiment_link
 from bratstune.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,8 @@ class SearchOutcome:
 
     @property
     def ui_command(self) -> str:
-        """The command that opens these runs in the MLflow UI."""
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        """Where to compare the trials: a link that opens the experiment's runs table in the MLflow UI."""
+        return experiment_link(self.tracking_uri, self.experiment_id)
 
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_\d+_")
@@ -259,7 +261,33 @@ def _record_best(client: Any, spec: SearchSpec, best: Mapping[str, Any], outcome
     client.set_tag(run_id, "best_trial_id", best["trial_id"])
     if outcome.best_run_id:
         client.set_tag(run_id, "best_run_id", outcome.best_run_id)
+    client.set_tag(run_id, "mlflow.note.content", _best_note(spec, best["trial_id"], outcome))
     client.log_text(run_id, yaml.safe_dump(outcome.best_config.to_dict(), sort_keys=False), "best_config.yaml")
+
+
+def _log_objective_on_trials(client: Any, spec: SearchSpec, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``best/<metric>`` on every trial's run: the value the search ranked it by (its best epoch).
+
+    The run's own ``<metric>`` is its last epoch's value, which for a trial that ASHA stopped or
+    that peaked early is not what the results table and the best trial are chosen by.
+    """
+    for row in rows:
+        for metric, _ in spec.objectives:
+            value = row.get(f"best {metric}")
+            if row["mlflow_run_id"] and value is not None and math.isfinite(float(value)):
+                client.log_metric(row["mlflow_run_id"], f"best/{metric}", float(value))
+
+
+def _best_note(spec: SearchSpec, trial_id: str, outcome: SearchOutcome) -> str:
+    """The parent run's description (Markdown): the objective and the best trial."""
+    lines = [
+        f"**Objective**: {objective_text(spec)} over {spec.num_samples} trials.",
+        "",
+        f"**Best trial** `{trial_id}` (run `{outcome.best_run_id or '-'}`): {spec.metric} = {outcome.best_metric:.4f}",
+        "",
+        *(f"- `{name}`: {value}" for name, value in outcome.best_values.items()),
+    ]
+    return "\n".join(lines)
 
 
 def _write_outputs(output_dir: Path, text: str, outcome: SearchOutcome, plots: Path) -> None:
@@ -282,6 +310,7 @@ def finish_parent_run(
     rows = results_table(grid, spec)
     for row in rows:
         row["mlflow_run_id"] = find_trial_run(client, outcome.experiment_id, run_id, row["trial_id"]) or ""
+    _log_objective_on_trials(client, spec, rows)
     outcome.table = rows
     outcome.errors = sum(1 for r in rows if r["status"] == "ERROR")
     client.log_metric(run_id, "search/trials", len(rows))

@@ -30,6 +30,8 @@ __all__ = [
     "http_get",
     "http_post_json",
     "is_alive",
+    "listening_addresses",
+    "peer_addresses",
     "port_in_use",
     "start_group",
     "stop_group",
@@ -210,3 +212,63 @@ def http_post_json(url: str, payload: object, *, timeout: float = 5.0) -> tuple[
         return exc.code, exc.read().decode(errors="replace")
     except (OSError, ValueError) as exc:
         return 0, str(exc)
+
+
+# -- sockets of a set of processes (Linux /proc), to check that services stay on loopback ----------
+
+_LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp
+
+
+def _socket_inodes(pids: Sequence[int]) -> set[str]:
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = list((_PROC / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _address(hex_address: str, family: socket.AddressFamily) -> str:
+    """``host:port`` of a ``/proc/net/tcp*`` address; an IPv4-mapped IPv6 host as its IPv4 address."""
+    host_hex, port_hex = hex_address.split(":")
+    raw = bytes.fromhex(host_hex)
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is little-endian
+    host = socket.inet_ntop(family, raw).removeprefix("::ffff:")
+    return f"{host}:{int(port_hex, 16)}"
+
+
+def _tcp_sockets(pids: Sequence[int]) -> list[tuple[str, str, str]]:
+    """``(state, local, remote)`` of every TCP socket (IPv4 and IPv6) owned by one of ``pids``."""
+    inodes = _socket_inodes(pids)
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = (_PROC / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                found.append((fields[3], _address(fields[1], family), _address(fields[2], family)))
+    return found
+
+
+def listening_addresses(pids: Sequence[int]) -> list[str]:
+    """``host:port`` of every TCP socket in LISTEN state owned by one of ``pids`` (Linux ``/proc``).
+
+    ``0.0.0.0:PORT`` or ``:::PORT`` means a service listens on every interface, not only on 127.0.0.1.
+    """
+    return [local for state, local, _ in _tcp_sockets(pids) if state == _LISTEN]
+
+
+def peer_addresses(pids: Sequence[int]) -> list[str]:
+    """``host:port`` of the far end of every connected TCP socket owned by one of ``pids``."""
+    return [remote for state, _, remote in _tcp_sockets(pids) if state != _LISTEN]

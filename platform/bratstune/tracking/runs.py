@@ -11,6 +11,10 @@
   package versions, hardware and the data fingerprint; the run ends FINISHED on success or on
   ``SystemExit`` (how Ray Tune stops a trial), KILLED on ``KeyboardInterrupt``, FAILED otherwise.
 * :func:`log_config`: nested config → flat ``a.b.c`` params, plus the YAML as an artifact.
+* :func:`log_cohort_input`: the cohort a run trained on, as an MLflow dataset input (the runs
+  table's Dataset column): named after the cohort, digest = data fingerprint, case counts in its profile.
+* :func:`experiment_link`: where to look at an experiment: a link that opens the UI on the
+  training-runs table (``?workflowType=machine_learning``; MLflow 3 opens the GenAI view otherwise).
 
 The ``fit`` reporter that logs epochs to MLflow lives in the search layer
 (:class:`bratstune.search.reporter.MlflowReporter`): tracking knows nothing of training.
@@ -33,9 +37,10 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from bratstune import paths
 from bratstune.config_utils import to_dict
@@ -46,8 +51,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ARTIFACT_DIR",
     "DB_FILE",
+    "EXPERIMENT_KIND",
+    "experiment_link",
     "flatten",
     "git_commit",
+    "log_cohort_input",
     "log_config",
     "package_versions",
     "run_tags",
@@ -60,6 +68,10 @@ DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 PACKAGES = ("bratstune", "torch", "monai", "mlflow", "ray", "optuna", "numpy", "torchio", "nibabel", "scipy")
 PARAM_VALUE_LIMIT = 6000
+#: Experiment tag (and value) with which MLflow 3 records an experiment as model training, not GenAI.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: Port ``mlflow ui`` serves on by default, for the hint printed with a local store.
+UI_PORT = 5000
 
 
 def tracking_uri() -> str:
@@ -112,7 +124,9 @@ def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> st
         if location is not None:
             Path(location[len("file://") :]).mkdir(parents=True, exist_ok=True)
         try:
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
+            experiment_id = client.create_experiment(
+                experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         except MlflowException:  # created concurrently by another driver
             found = client.get_experiment_by_name(experiment)
             if found is None:
@@ -120,6 +134,8 @@ def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> st
             experiment_id = found.experiment_id
     else:
         experiment_id = found.experiment_id
+        if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # created before the tag existed
+            client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     logger.info("MLflow: %s, experiment %r (id %s)", uri, experiment, experiment_id)
     return str(experiment_id)
@@ -266,3 +282,51 @@ def log_config(config: Any, *, artifact_file: str = "config.yaml", run_id: str |
         client.log_batch(run_id, params=items[start : start + 100])
     client.log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
     return params
+
+
+def log_cohort_input(
+    run_id: str,
+    *,
+    name: str,
+    fingerprint: str,
+    root: str | Path,
+    cases: int,
+    profile: Mapping[str, Any] | None = None,
+    context: str = "training",
+    client: MlflowClient | None = None,
+) -> None:
+    """Record the cohort a run trained on as an MLflow dataset input (the runs table's Dataset column).
+
+    Args:
+        run_id: the run.
+        name: the dataset's name: the cohort (its folder name, e.g. ``BraTS-GLI``).
+        fingerprint: :func:`bratstune.data.fingerprint.data_fingerprint` of its cases and
+            preprocessing, the dataset's digest (MLflow stores at most 36 characters).
+        root: the cohort folder (the dataset's source).
+        cases: number of cases the run used (``num_cases`` of the profile).
+        profile: more counts for the profile (``train_cases``, ``val_cases``, ``fold`` ...).
+        context: the input's ``mlflow.data.context`` tag (``training``, ``evaluation``).
+        client: the client to log with (default one for the current tracking URI).
+    """
+    dataset = Dataset(
+        name=str(name),
+        digest=str(fingerprint)[:36],
+        source_type="local",
+        source=json.dumps({"uri": str(root)}),
+        profile=json.dumps({"num_cases": int(cases), **dict(profile or {})}, default=str),
+    )
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    (client or MlflowClient()).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+
+
+def experiment_link(uri: str, experiment_id: str) -> str:
+    """Where to compare an experiment's runs: a link that opens the MLflow UI on its runs table.
+
+    A server (``http(s)://``) gets ``<server>/#/experiments/<id>?workflowType=machine_learning``
+    (the query switches a fresh browser from MLflow 3's default GenAI view to the training runs);
+    a local store gets the ``mlflow ui`` command that serves it, then that link on its default port.
+    """
+    route = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{route}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:{UI_PORT}/{route}"
