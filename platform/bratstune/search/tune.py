@@ -28,6 +28,7 @@ Laid out as Ray's Tune examples are, in plain sight of :func:`build_tuner`:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -171,7 +172,12 @@ def _parent_run(
         client.update_run(parent_run_id, status="RUNNING")
         client.set_tag(parent_run_id, "resumed", "true")
         return parent_run_id
-    return start_parent_run(client, spec, data, experiment_id=experiment_id, name=exp.name, path=exp.path, **overrides)
+    run_id = start_parent_run(
+        client, spec, data, experiment_id=experiment_id, name=exp.name, path=exp.path, **overrides
+    )
+    # what every trial trains on and what chooses epochs and the best trial
+    client.log_text(run_id, json.dumps(data.case_record(), indent=1), "cases.json")
+    return run_id
 
 
 def _tuner(spec: SearchSpec, ctx: TrialContext, exp: _Experiment, **options: Any) -> tune.Tuner:
