@@ -14,6 +14,22 @@ TINY: dict[str, dict] = {
     "unetr": {"patch_size": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192, "num_heads": 4},
     "swin_unetr": {"patch_size": 32, "feature_size": 12, "norm": "batch"},
     "segresnet": {"patch_size": 32, "init_filters": 8, "blocks_down": [1, 1, 1, 1], "blocks_up": [1, 1, 1]},
+    "transunet_enc": {
+        "patch_size": 32,
+        "filters": [8, 16, 32, 64],
+        "hidden_size": 48,
+        "mlp_dim": 96,
+        "num_heads": 3,
+        "num_layers": 2,
+    },
+    "transunet_dec": {
+        "patch_size": 32,
+        "filters": [8, 16, 32, 64],
+        "hidden_size": 48,
+        "mlp_dim": 96,
+        "num_heads": 4,
+        "num_queries": 6,
+    },
 }
 
 

@@ -35,6 +35,8 @@ def _train_steps(model: torch.nn.Module, steps: int = 3) -> None:
     for _ in range(steps):
         model.train()  # what a training loop does every epoch: must not unfreeze norm statistics
         out = model(x)  # unet: (B, S, C, ...) in training mode, all heads used below
+        if isinstance(out, dict):  # transunet_dec: a query set; its masks depend on every group
+            out = out["pred_masks"]
         loss = (out - 0.5).pow(2).mean()
         opt.zero_grad()
         loss.backward()

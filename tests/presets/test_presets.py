@@ -9,16 +9,26 @@ from bratstune.presets import describe_preset, list_presets, load_preset, preset
 
 torch.set_num_threads(1)
 
-ARCH_PRESETS = ["unet", "resunet", "attention_unet", "unetr", "swin_unetr", "segresnet"]
+ARCH_PRESETS = [
+    "unet",
+    "resunet",
+    "attention_unet",
+    "unetr",
+    "swin_unetr",
+    "segresnet",
+    "transunet_enc",
+    "transunet_dec",
+]
 PUBLISHED = ["focal_tversky_ce", "dice_focal_edge", "mse_ce_edge"]
+GPU_SIZED = ["transunet_enc_gpu", "transunet_dec_gpu"]  # the paper's sizes; built here, trained on a GPU
 
 
 def test_list_presets():
-    assert set(list_presets()) == set(ARCH_PRESETS + PUBLISHED)
+    assert set(list_presets()) == set(ARCH_PRESETS + PUBLISHED + GPU_SIZED)
     assert list_presets() == sorted(list_presets())
 
 
-@pytest.mark.parametrize("name", ARCH_PRESETS + PUBLISHED)
+@pytest.mark.parametrize("name", ARCH_PRESETS + PUBLISHED + GPU_SIZED)
 def test_preset_is_a_valid_train_config_and_builds(name):
     from bratstune.models import build_model
     from bratstune.training.config import load_train_config

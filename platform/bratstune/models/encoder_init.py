@@ -9,7 +9,12 @@
 * a file (``encoder.pt``, any state dict or ``{"model": state_dict}``) or a folder holding one.
 
 MLflow sources (the first two) are downloaded at the edge, before training, by
-:func:`bratstune.tracking.artifacts.localise_config`; this module only reads local files.
+:func:`bratstune.tracking.artifacts.localise_config` (which checks a registered encoder against
+the digest recorded at registration); this module only reads local files. A folder that is a
+package (an export of :func:`bratstune.pretrain.export.save_encoder` or a registered model: it
+holds ``manifest.json``, ``encoder.json`` or ``MLmodel``) is verified against its manifest before
+any file of it is read (:func:`bratstune.integrity.verify_manifest`); an export without a
+manifest (an old one) is refused. Weights are read with ``torch.load(weights_only=True)``.
 
 Matching (:func:`load_encoder_weights`): a tensor of the file is loaded when the model has a
 tensor of the same name (after ``strip_prefix``; an exported encoder's ``vit.`` prefix is
@@ -22,6 +27,15 @@ model the file did not provide) tensors; nothing is dropped silently. MONAI
 ``MaskedAutoEncoderViT`` state dicts are mapped explicitly (``patch_embedding.*`` and
 ``blocks.<i>`` -> ``vit.*``, its final ``blocks.<L>`` LayerNorm -> ``vit.norm``; decoder,
 class and mask tokens reported as unexpected).
+
+``transunet_enc`` (3D-TransUNet, encoder-only): the MAE's ViT goes into the network's
+``transformer.vit`` (its ``middle`` group, the transformer on the CNN's deepest feature map):
+``vit.blocks.*`` and ``vit.norm.*`` map to ``transformer.vit.blocks.*`` / ``transformer.vit.norm.*``.
+Its patch embedding (a 16³ convolution of the 4 modalities + position embeddings of the image's
+patch grid) differs from the TransUNet's (a 1x1x1 convolution of CNN features on the bottleneck
+grid), so ``vit.patch_embedding.*`` is **skipped** (listed in the report), as in the paper, and so
+are MONAI's unused ``norm_cross_attn`` LayerNorms. The report's ``encoder_tensors`` are then the
+tensors an MAE provides: the ViT blocks and final norm.
 """
 
 from __future__ import annotations
@@ -39,7 +53,8 @@ import torch.nn.functional as F
 
 from bratstune.config_utils import check_choice
 from bratstune.errors import ConfigError, DataError
-from bratstune.models import layer_groups
+from bratstune.integrity import MANIFEST_FILE, verify_manifest
+from bratstune.models import architecture_of, layer_groups
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +65,7 @@ __all__ = [
     "encoder_init_overrides",
     "interpolate_pos_embed",
     "load_encoder_weights",
+    "map_mae_to_transunet",
     "read_encoder",
     "resolve_encoder_source",
 ]
@@ -77,7 +93,10 @@ class EncoderInitReport:
         unexpected: file tensors with no model tensor of that name (skipped).
         missing: tensors of the model's ``encoder`` group the file did not provide at all
             (left as initialised; mismatched ones are listed under ``mismatched`` only).
-        encoder_tensors: every tensor name of the model's ``encoder`` group.
+        encoder_tensors: every tensor name of the model's ``encoder`` group (``transunet_enc``:
+            its ViT blocks and final norm).
+        skipped: file tensors deliberately not loaded (``transunet_enc``: the MAE's patch
+            embedding and unused ``norm_cross_attn`` tensors).
     """
 
     source: str
@@ -88,6 +107,7 @@ class EncoderInitReport:
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     encoder_tensors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def initialised(self) -> list[str]:
@@ -108,6 +128,8 @@ class EncoderInitReport:
             f"{len(self.mismatched)} shape-mismatched (skipped), {len(self.unexpected)} unexpected (skipped), "
             f"{len(self.missing)} encoder tensors missing; encoder {in_encoder}/{len(enc)} initialised"
         )
+        if self.skipped:
+            text += f"\n  skipped (not transferable): {len(self.skipped)} tensors, e.g. {', '.join(self.skipped[:3])}"
         for name, old, new in self.interpolated:
             text += f"\n  interpolated {name}: {list(old)} -> {list(new)}"
         for name, old, new in self.mismatched:
@@ -125,6 +147,7 @@ class EncoderInitReport:
             "mismatched": [[n, list(a), list(b)] for n, a, b in self.mismatched],
             "unexpected": list(self.unexpected),
             "missing": list(self.missing),
+            "skipped": list(self.skipped),
             "encoder_tensors": len(self.encoder_tensors),
             "complete": self.complete,
         }
@@ -148,9 +171,20 @@ def encoder_init_overrides(
 # -- finding the file ---------------------------------------------------------------------------
 
 
+_PACKAGE_MARKERS = (MANIFEST_FILE, "encoder.json", "MLmodel")
+
+
+def _verify_package(folder: Path) -> None:
+    """Verify ``folder`` against its manifest when it is a model package (see the module docstring)."""
+    if any((folder / marker).is_file() for marker in _PACKAGE_MARKERS):
+        verify_manifest(folder)
+
+
 def _find_weights(path: Path, source: str) -> Path:
     if path.is_file():
+        _verify_package(path.parent)
         return path
+    _verify_package(path)
     for name in ("encoder.pt", "model.pt"):
         hits = sorted(path.rglob(name))
         if hits:
@@ -231,6 +265,43 @@ def read_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     return _from_monai_mae(dict(payload)), dict(meta) if meta else None
 
 
+#: architectures whose MAE-initialisable ViT is not the ``encoder`` group -> its module prefix
+_MAE_TARGETS = {"transunet_enc": "transformer.vit."}
+
+
+def _mae_target(model: torch.nn.Module) -> str | None:
+    try:
+        return _MAE_TARGETS.get(architecture_of(model))
+    except ConfigError:
+        return None
+
+
+def _not_transferred(key: str) -> bool:
+    """MAE ViT tensors a ``transunet_enc`` does not take: patch embedding, unused cross-attention norms."""
+    return key.startswith("patch_embedding.") or ".norm_cross_attn." in key
+
+
+def map_mae_to_transunet(
+    state: Mapping[str, torch.Tensor], src_prefix: str, target: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """MAE encoder keys (``vit.blocks.*``, ``vit.norm.*``) -> ``target`` (e.g. ``transformer.vit.``).
+
+    Returns:
+        ``(mapped, skipped)``: the re-targeted state dict (keys outside ``src_prefix`` unchanged,
+        so they are reported as unexpected) and the skipped keys (:func:`_not_transferred`).
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    skipped = []
+    for key, tensor in state.items():
+        if not key.startswith(src_prefix):
+            mapped[key] = tensor
+        elif _not_transferred(key[len(src_prefix) :]):
+            skipped.append(key)
+        else:
+            mapped[target + key[len(src_prefix) :]] = tensor
+    return mapped, skipped
+
+
 def _cube_grid(n: int) -> tuple[int, int, int] | None:
     side = round(n ** (1.0 / 3.0))
     return (side, side, side) if side**3 == n else None
@@ -297,6 +368,10 @@ def load_encoder_weights(
         encoder_tensors=[k for k in own if any(k == p or k.startswith(p + ".") for p in prefixes)],
     )
     src_prefix = (meta or {}).get("prefix") or "vit."
+    target = _mae_target(model)
+    if target is not None:
+        state, report.skipped = map_mae_to_transunet(state, src_prefix, target)
+        report.encoder_tensors = [k for k in own if k.startswith(target) and not _not_transferred(k[len(target) :])]
     matched: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         name = key

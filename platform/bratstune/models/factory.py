@@ -1,7 +1,8 @@
 """Architecture factory: ``build_model(name, in_channels, out_channels, **kwargs)``.
 
-Every network comes from MONAI; this module only picks sensible BraTS defaults, derives
-nnU-Net-style kernels/strides for the DynUNet, validates the options (``ConfigError`` naming
+Every network comes from MONAI (the 3D-TransUNet variants ``transunet_enc`` / ``transunet_dec``
+are assembled from MONAI blocks in :mod:`bratstune.models.transunet`); this module only picks
+sensible BraTS defaults, derives nnU-Net-style kernels/strides for the DynUNet, validates the options (``ConfigError`` naming
 the bad value and the fix) and remembers the architecture name on the returned module
 (``model.bratstune_arch``) so that :func:`bratstune.models.layer_groups` can name its parts.
 
@@ -30,6 +31,7 @@ from torch import nn
 from bratstune.config_utils import suggest
 from bratstune.errors import ConfigError
 from bratstune.models.topology import Triple, nnunet_topology, to_triple
+from bratstune.models.transunet import build_transunet_dec, build_transunet_enc
 
 __all__ = ["ARCHITECTURES", "architecture_options", "build_model", "count_parameters"]
 
@@ -334,6 +336,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "unetr": _build_unetr,
     "swin_unetr": _build_swin_unetr,
     "segresnet": _build_segresnet,
+    # 3D-TransUNet (MONAI blocks + a hand-written query decoder): bratstune.models.transunet
+    "transunet_enc": build_transunet_enc,
+    "transunet_dec": build_transunet_dec,
 }
 
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
@@ -372,7 +377,7 @@ def build_model(name: str, in_channels: int, out_channels: int, **kw: Any) -> nn
 
     Args:
         name: one of :data:`ARCHITECTURES` (``unet``, ``resunet``, ``attention_unet``,
-            ``unetr``, ``swin_unetr``, ``segresnet``).
+            ``unetr``, ``swin_unetr``, ``segresnet``, ``transunet_enc``, ``transunet_dec``).
         in_channels: input channels (4 for t1n, t1c, t2w, t2f).
         out_channels: output channels (3 regions WT/TC/ET, or labels incl. background).
         **kw: architecture options (see :func:`architecture_options`), plus the common
@@ -380,8 +385,9 @@ def build_model(name: str, in_channels: int, out_channels: int, **kw: Any) -> nn
 
     Returns:
         The MONAI module, with ``bratstune_arch`` set to ``name``. Input ``(B, in_channels,
-        X, Y, Z)``; output ``(B, out_channels, X, Y, Z)`` logits (``unet`` with deep
-        supervision: ``(B, S, out_channels, X, Y, Z)`` in training mode).
+        X, Y, Z)``; output ``(B, out_channels, X, Y, Z)`` logits (``unet`` and ``transunet_enc``
+        with deep supervision: ``(B, S, out_channels, X, Y, Z)`` in training mode;
+        ``transunet_dec`` in training mode: the query set of :mod:`bratstune.models.transunet`).
 
     Raises:
         ConfigError: unknown architecture or option (with the nearest valid name), bad value.

@@ -21,13 +21,21 @@ Group definitions (MONAI module names):
   ``decoder5..1``; head ``out``.
 * ``segresnet``: encoder ``convInit``, ``down_layers.0..n-2``; middle ``down_layers.n-1``;
   decoder ``up_samples``, ``up_layers``; head ``conv_final``.
+* ``transunet_enc``: encoder ``encoder`` (every CNN level, the deepest included); middle
+  ``transformer`` (the ViT: token projection, position embeddings, blocks, norm, projection
+  back); decoder ``decoder``; head ``out``, ``ds_heads``.
+* ``transunet_dec``: encoder ``encoder``; middle ``query_decoder`` (the transformer: queries,
+  feature projections, level embeddings, layers); decoder ``decoder`` (the CNN decoder); head
+  ``query_head`` (class and mask-embedding heads).
 
 For the transformer networks ``encoder`` is exactly the transformer (``vit`` / ``swinViT``):
 the MAE / self-supervised pre-training exports it, and ``freeze(model, ["encoder"])`` after
 loading must freeze exactly the loaded weights. MONAI's ``encoder1..4`` blocks there are CNN
 skip projections trained from scratch, so they belong to ``decoder``. For UNETR the middle is
 ``decoder5``, the block that upsamples the ViT's last hidden state (the bottleneck) — UNETR
-has no separate bottleneck block.
+has no separate bottleneck block. The 3D-TransUNet is a CNN whose transformer sits in the
+middle: there the transformer is ``middle`` (an MAE initialises ``transunet_enc``'s ViT blocks,
+so ``freeze: [middle]`` keeps the pre-trained weights).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from torch import nn
 
 from bratstune.config_utils import suggest
 from bratstune.errors import ConfigError
+from bratstune.models.transunet import TransUNetDecoderOnly, TransUNetEncoderOnly
 
 __all__ = ["GROUPS", "architecture_of", "check_group_names", "group_of", "layer_groups", "parameter_groups"]
 
@@ -76,6 +85,8 @@ def architecture_of(model: nn.Module) -> str:
         (UNETR, "unetr"),
         (SwinUNETR, "swin_unetr"),
         (SegResNet, "segresnet"),
+        (TransUNetEncoderOnly, "transunet_enc"),
+        (TransUNetDecoderOnly, "transunet_dec"),
     ):
         if isinstance(inner, cls):
             return arch
@@ -174,6 +185,19 @@ def _segresnet(model: nn.Module) -> Groups:
     }
 
 
+def _transunet_enc(model: nn.Module) -> Groups:
+    return {
+        "encoder": ["encoder"],
+        "middle": ["transformer"],
+        "decoder": ["decoder"],
+        "head": ["out", "ds_heads"] if getattr(model, "deep_supervision", False) else ["out"],
+    }
+
+
+def _transunet_dec(model: nn.Module) -> Groups:
+    return {"encoder": ["encoder"], "middle": ["query_decoder"], "decoder": ["decoder"], "head": ["query_head"]}
+
+
 _GROUP_FNS = {
     "unet": _dynunet,
     "resunet": _monai_unet,
@@ -181,6 +205,8 @@ _GROUP_FNS = {
     "unetr": _unetr,
     "swin_unetr": _swin_unetr,
     "segresnet": _segresnet,
+    "transunet_enc": _transunet_enc,
+    "transunet_dec": _transunet_dec,
 }
 
 

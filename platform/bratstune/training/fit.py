@@ -55,7 +55,7 @@ from bratstune.errors import DataError
 from bratstune.inference.decode import DecodeSettings
 from bratstune.inference.outputs import output_heads
 from bratstune.inference.sliding_window import InferenceConfig
-from bratstune.models import set_train_mode
+from bratstune.models import QUERY_ARCHITECTURES, set_train_mode
 from bratstune.models.network import load_model_weights
 from bratstune.training.checkpoint import (
     TrainState,
@@ -67,6 +67,7 @@ from bratstune.training.checkpoint import (
 from bratstune.training.config import TrainConfig, load_train_config
 from bratstune.training.loader import build_train_loader
 from bratstune.training.losses import CompoundLoss, deep_supervision_loss
+from bratstune.training.mask_loss import HungarianMaskLoss
 from bratstune.training.network import build_network, load_network, output_channels, prepare_network, resolve_config
 from bratstune.training.report import EpochReport, FitResult, Reporter, TrainingDiverged
 from bratstune.training.schedules import build_optimizer, build_scheduler
@@ -96,7 +97,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _build_loss(config: TrainConfig) -> torch.nn.Module:
-
+    if config.model.name in QUERY_ARCHITECTURES:  # query masks: Hungarian-matched loss
+        return HungarianMaskLoss.from_config(config.loss)
     return CompoundLoss(
         dict(config.loss.weights),
         mode=config.loss.mode,
@@ -125,9 +127,11 @@ def compute_loss(
 
     Deep-supervision outputs (DynUNet's ``(B, S, C, ...)`` or a list of heads) go through
     ``bratstune.training.losses.deep_supervision_loss`` (weights 1, 1/2, 1/4, ... normalised); with
-    ``deep_supervision=False`` only the full-resolution head is used.
+    ``deep_supervision=False`` only the full-resolution head is used. A query set (``transunet_dec``)
+    goes to its :class:`~bratstune.training.mask_loss.HungarianMaskLoss` as a whole.
     """
-
+    if isinstance(loss_fn, HungarianMaskLoss):
+        return loss_fn(output, target, deep_supervision=deep_supervision)
     heads = output_heads(output)
     if len(heads) == 1 or not deep_supervision:
         return loss_fn(heads[0].float(), target)
