@@ -210,6 +210,8 @@ def run_mae(
             "preprocess": dict(config.data.preprocess),
             "cache_root": str(cache_root) if cache_root is not None else None,
             "digest_dir": str(param_digest_dir) if param_digest_dir is not None else None,
+            # checkpoints are staged inside the run folder: a killed worker leaves nothing in /tmp
+            "staging_dir": str(run_dir / DRIVER_DIR / "staging"),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

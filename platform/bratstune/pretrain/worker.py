@@ -192,7 +192,10 @@ def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
             )
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             if rank == 0:
-                folder = Path(tempfile.mkdtemp(prefix="bratstune-mae-ckpt-"))
+                staging = loop_config.get("staging_dir")
+                if staging:
+                    Path(staging).mkdir(parents=True, exist_ok=True)
+                folder = Path(tempfile.mkdtemp(prefix="bratstune-mae-ckpt-", dir=staging))
                 inner = model.module if hasattr(model, "module") else model
                 _save_checkpoint(
                     folder,
