@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -50,6 +51,12 @@ def _cases(args):
             )
         )
     return cases, prepared
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished child processes (the workers, once they are joined)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _check(cases, scheme, challenge: str, count: int) -> None:
@@ -107,16 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         fresh = [copy.copy(c) for c in cases]
         for case in fresh:
             vars(case)["_prepared"] = {}  # nothing carried over from an earlier run
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        cpu = time.process_time()
+        load = os.getloadavg()[0]
+        cpu, children = time.process_time(), _children_cpu()
         outcome = search_thresholds(
             spec, fresh, prepared.scheme, challenge=challenge, num_samples=args.trials, workers=workers
         )
-        cpu = time.process_time() - cpu
+        cpu, children = time.process_time() - cpu, _children_cpu() - children
         print(
             f"workers {workers}: {outcome.trials} configurations in {outcome.seconds:.1f} s: "
             f"{outcome.per_minute:.0f} configurations/min ({outcome.per_minute * len(cases):.0f} case evaluations/min); "
-            f"this process {cpu:.1f} s CPU; load average {load:.2f} -> {os.getloadavg()[0]:.2f}"
+            f"CPU {cpu:.1f} s here + {children:.1f} s in workers; load average {load:.2f} -> {os.getloadavg()[0]:.2f}"
         )
         print(f"  {spec.metric}: default {outcome.baseline_metric:.4f} -> best {outcome.best_metric:.4f}")
     if args.check:

@@ -14,6 +14,11 @@ Usage: ``.venv-ref/bin/python _reference_driver.py JOB.json OUT.json`` where JOB
 
 Non-finite floats are written as the strings "inf", "-inf", "nan". This file is test tooling
 (it imports the reference packages, which live only in the reference venv).
+
+Serve mode, for timing (``benchmarks/metrics_speed.py``): ``_reference_driver.py --serve`` reads one
+case per line on stdin (the JSON of one entry of ``cases``) and answers each with one line
+``@result {"id", "seconds"}`` (the time of ``evaluate`` alone; the package prints other lines), so that a caller can interleave its own
+timings with the reference's, case by case.
 """
 
 import json
@@ -108,5 +113,35 @@ def _mets_parse(results, ids, out_path):
         results[case_id]["__mets__"] = {k: v for k, v in row.items() if k != "subject_id"}
 
 
+SERVE_MARK = "@result "
+
+
+def serve():
+    """One case per stdin line -> one ``{"id", "seconds"}`` line on stdout (see the module docstring)."""
+    from panoptica import Panoptica_Evaluator
+
+    warnings.simplefilter("ignore")
+    evaluators = {}
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        case = json.loads(line)
+        config = case["config"]
+        if config not in evaluators:
+            path = str(files("brats_evaluation").joinpath("configs", f"config_{config}.yaml"))
+            evaluators[config] = Panoptica_Evaluator.load_from_config(path)
+        pred = np.load(case["pred"])
+        gt = np.load(case["gt"])
+        spacing = tuple(float(s) for s in case["spacing"])
+        start = time.perf_counter()
+        evaluators[config].evaluate(pred, gt, voxelspacing=spacing)
+        seconds = time.perf_counter() - start
+        sys.stdout.write(SERVE_MARK + json.dumps({"id": case["id"], "seconds": seconds}) + "\n")
+        sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main(sys.argv[1], sys.argv[2])

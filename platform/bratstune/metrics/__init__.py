@@ -7,7 +7,7 @@ components, dilation-merged GT lesions), ``brats2023`` and ``brats2026`` (one re
 
 from __future__ import annotations
 
-from bratstune.metrics.api import PROTOCOLS, REGION_NAMES, challenges, lesion_wise, protocol_regions
+from bratstune.metrics.api import PROTOCOLS, REGION_NAMES, LesionReference, challenges, lesion_wise, protocol_regions
 from bratstune.metrics.legacy import Confusion, confusion, dice, iou, precision, recall, sensitivity, specificity
 from bratstune.metrics.surface import hd95_surfel, hd95_voxel, nsd_voxel
 
@@ -15,6 +15,7 @@ __all__ = [
     "PROTOCOLS",
     "REGION_NAMES",
     "Confusion",
+    "LesionReference",
     "challenges",
     "confusion",
     "dice",

@@ -12,7 +12,10 @@ Protocols (``PROTOCOLS``):
 Speed: the case is first cropped to the box of all its foreground (plus the margin the dilation
 needs); inside, each region's surface is extracted once and split by component, and distances come
 from a grid-shell search around each surface point, so the cost grows with the tumour's surface,
-not with the 240×240×155 volume.
+not with the 240×240×155 volume. ``brats2026`` then packs the boxes of the foreground side by side
+(``bratstune.metrics.compact``), since scattered dust makes the box of all foreground nearly the
+volume. Many predictions of one case (a decode search): :class:`LesionReference` prepares the
+reference once. Every path gives the same values (``tests/metrics/test_reuse_paths.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import numpy as np
 
 from bratstune.config_utils import suggest
 from bratstune.metrics import brats2023, brats2026
+from bratstune.metrics.compact import Layout
 from bratstune.metrics.components import case_box, region_mask
+from bratstune.metrics.nearest import exact_grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROTOCOLS", "REGION_NAMES", "challenges", "lesion_wise", "protocol_regions"]
+__all__ = ["PROTOCOLS", "REGION_NAMES", "LesionReference", "challenges", "lesion_wise", "protocol_regions"]
 
 PROTOCOLS: tuple[str, ...] = ("brats2023", "brats2026")
 REGION_NAMES: tuple[str, ...] = ("WT", "TC", "ET", "NETC", "SNFH", "RC", "CC", "ED", "GTV")
@@ -133,16 +138,10 @@ def lesion_wise(
     gt_l = _as_labels(gt, "gt")
     if pred_l.shape != gt_l.shape:
         raise ValueError(f"pred and gt must have one shape, got {pred_l.shape} and {gt_l.shape}")
-    spacing_t = tuple(float(s) for s in spacing)
-    if len(spacing_t) != 3 or min(spacing_t) <= 0:
-        raise ValueError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
+    spacing_t = _check_spacing(spacing)
     if penalised and protocol != "brats2026":
         raise ValueError("penalised=True is the brats2026 BraTS-MET variant; use protocol='brats2026'")
-    region_table = (
-        {k.upper(): tuple(int(v) for v in vals) for k, vals in regions.items()}
-        if regions is not None
-        else protocol_regions(name, protocol)
-    )
+    region_table = _region_table(regions) if regions is not None else protocol_regions(name, protocol)
 
     if protocol == "brats2023":
         rule = brats2023.CHALLENGE_RULES[name]
@@ -154,20 +153,116 @@ def lesion_wise(
         box = (slice(0, 1), slice(0, 1), slice(0, 1))
     pred_c = np.ascontiguousarray(pred_l[box])
     gt_c = np.ascontiguousarray(gt_l[box])
+    box_shape = pred_c.shape
     if protocol == "brats2026" and regions is None:
         _check_known_labels(pred_c, gt_c, region_table, name)
 
     out: dict[str, dict[str, Any]] = {}
+    layout = None
+    if protocol == "brats2026":
+        # the foreground's boxes packed on a small canvas (``compact``): same values, smaller passes
+        # (on an exact grid only, where moving points changes no distance: see ``nearest``)
+        layout = Layout((pred_c != 0) | (gt_c != 0)) if exact_grid(spacing_t, box_shape) else None
+        if layout is not None and layout.worthwhile and not any(0 in values for values in region_table.values()):
+            pred_c, gt_c = layout.pack(pred_c), layout.pack(gt_c)
+        else:
+            layout = None
+    total = pred_l.size if protocol == "brats2023" else int(np.prod(box_shape))
     for region, values in region_table.items():
         p = region_mask(pred_c, values)
         g = region_mask(gt_c, values)
         if protocol == "brats2023":
             out[region] = brats2023.evaluate_region(
-                p, g, rule=rule, spacing=spacing_t, total_voxels=pred_l.size, lesion_table=lesions
+                p, g, rule=rule, spacing=spacing_t, total_voxels=total, lesion_table=lesions
             )
         else:
-            out[region] = brats2026.evaluate_region(p, g, spacing=spacing_t, penalised=penalised, lesion_table=lesions)
+            out[region] = brats2026.evaluate_region(
+                p, g, spacing=spacing_t, penalised=penalised, lesion_table=lesions, total_voxels=total, layout=layout
+            )
     return out
+
+
+class LesionReference:
+    """One case's reference under the ``brats2023`` protocol, prepared once to score many predictions.
+
+    ``LesionReference(gt, challenge, spacing).evaluate(pred)`` equals
+    ``lesion_wise(pred, gt, challenge, "brats2023", spacing)``, value for value; what depends only
+    on the reference (the dilation-merged lesions, their sizes and surfaces, per region) is computed
+    here once (``bratstune.metrics.brats2023.Reference``), which is what a decode search scoring
+    hundreds of configurations of one case needs.
+
+    Args:
+        gt: ground-truth labels ``(X, Y, Z)``: the *frame*, the whole case or a crop of it that
+            holds the reference plus ``dilation + 1`` voxels of margin (or reaches the volume's edge)
+            and every voxel a prediction may label.
+        challenge, spacing, regions: as for :func:`lesion_wise`.
+        total_voxels: voxels of the whole case (for specificity) when ``gt`` is a crop.
+    """
+
+    def __init__(
+        self,
+        gt: np.ndarray,
+        challenge: str,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        regions: Mapping[str, Sequence[int]] | None = None,
+        total_voxels: int | None = None,
+    ) -> None:
+        name = _check_challenge(challenge, "brats2023")
+        gt_l = _as_labels(gt, "gt")
+        spacing_t = _check_spacing(spacing)
+        self.rule = brats2023.CHALLENGE_RULES[name]
+        self.shape = gt_l.shape
+        self.total_voxels = gt_l.size if total_voxels is None else int(total_voxels)
+        table = _region_table(regions) if regions is not None else protocol_regions(name, "brats2023")
+        self.regions = table
+        self.references = {
+            region: brats2023.Reference(
+                region_mask(gt_l, values), rule=self.rule, spacing=spacing_t, distance_maps=True
+            )
+            for region, values in table.items()
+        }
+
+    def evaluate(
+        self,
+        pred: np.ndarray,
+        box: Sequence[slice] | None = None,
+        *,
+        lesions: bool = False,
+        whole_region: bool = True,
+    ) -> dict[str, dict[str, Any]]:
+        """Every region's metrics of one prediction, as :func:`lesion_wise` returns them.
+
+        Args:
+            pred: predicted labels: the whole frame, or only the part inside ``box`` (everything
+                outside is background); ``box`` must hold the dilated reference of every region.
+            lesions: add the per-lesion tables.
+            whole_region: compute ``legacy_hd95`` (leave it out to save its surface distances).
+        """
+        pred_l = _as_labels(pred, "pred")
+        if box is None and pred_l.shape != self.shape:
+            raise ValueError(f"pred and gt must have one shape, got {pred_l.shape} and {self.shape}")
+        return {
+            region: reference.evaluate(
+                region_mask(pred_l, self.regions[region]),
+                box,
+                total_voxels=self.total_voxels,
+                lesion_table=lesions,
+                whole_region=whole_region,
+            )
+            for region, reference in self.references.items()
+        }
+
+
+def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    spacing_t = tuple(float(s) for s in spacing)
+    if len(spacing_t) != 3 or min(spacing_t) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
+    return spacing_t  # type: ignore[return-value]
+
+
+def _region_table(regions: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    return {k.upper(): tuple(int(v) for v in vals) for k, vals in regions.items()}
 
 
 def _check_known_labels(pred: np.ndarray, gt: np.ndarray, regions: Mapping[str, Sequence[int]], challenge: str) -> None:

@@ -31,7 +31,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from bratstune.metrics import legacy
+from bratstune.metrics.compact import Layout
 from bratstune.metrics.components import component_sizes, components
+from bratstune.metrics.nearest import SurfaceIndex
 from bratstune.metrics.surface import ComponentSurfaces, hd95_from_distances, nsd_from_distances
 
 __all__ = ["GROUPS", "HD95_MISS", "MATCH_THRESHOLD", "evaluate_region"]
@@ -66,9 +68,13 @@ def evaluate_region(
     penalised: bool = False,
     min_volume: float = 20.0,
     lesion_table: bool = False,
+    total_voxels: int | None = None,
+    layout: Layout | None = None,
 ) -> dict:
     """Lesion-wise metrics of one region group (boolean ``pred``/``gt`` of one shape, any crop
-    that holds all their foreground).
+    that holds all their foreground; ``total_voxels``: the voxels the confusion's TN counts from,
+    default the crop's; ``layout``: ``pred``/``gt`` are packed on that layout's canvas
+    (``bratstune.metrics.compact``), which changes no value).
 
     Returns:
         dict with ``lesionwise_dice``, ``lesionwise_dice_std``, ``lesionwise_hd95``,
@@ -82,6 +88,8 @@ def evaluate_region(
     tolerance = min(spacing)
     gt_cc, n_ref = components(gt)
     pred_cc, n_pred = components(pred)
+    if layout is not None:  # the case's numbering (raster order), which the matching's ties follow
+        gt_cc, pred_cc = layout.renumber(gt_cc, n_ref), layout.renumber(pred_cc, n_pred)
 
     gt_sizes = component_sizes(gt_cc, gt, n_ref)
     matches: list[tuple[int, int]] = []
@@ -89,7 +97,13 @@ def evaluate_region(
     if n_ref and n_pred:
         both = gt & pred
         code = gt_cc[both].astype(np.int64) + pred_cc[both].astype(np.int64) * (n_ref + 1)
-        values, inter = np.unique(code, return_counts=True)
+        size = (n_ref + 1) * (n_pred + 1)
+        if size <= max(4 * code.size, 1 << 16):  # a count per possible pair: one pass, no sort
+            counts = np.bincount(code, minlength=size)
+            values = np.flatnonzero(counts)
+            inter = counts[values]
+        else:
+            values, inter = np.unique(code, return_counts=True)
         pair_ref = values % (n_ref + 1)
         pair_pred = values // (n_ref + 1)
         pred_sizes = component_sizes(pred_cc, pred, n_pred)
@@ -106,7 +120,7 @@ def evaluate_region(
         rows_idx, cols_idx = linear_sum_assignment(cost)
         matches = [(int(i) + 1, int(j) + 1) for i, j in zip(rows_idx, cols_idx) if cost[i, j] < 1.0]
 
-    conf = legacy.confusion(pred, gt)
+    conf = legacy.confusion(pred, gt, total=total_voxels)
     surfaces_needed = bool(matches) or conf.tp > 0
     if surfaces_needed:
         gt_surf = ComponentSurfaces(gt, gt_cc, "voxel")
@@ -170,9 +184,7 @@ def evaluate_region(
         if n_ref == 1 and n_pred == 1 and tp == 1:
             g_hd95 = rows[0]["hd95"]  # one instance each, matched: the same two masks
         else:
-            g_hd95 = hd95_from_distances(
-                pred_surf.distances_to(gt_surf.points, spacing), gt_surf.distances_to(pred_surf.points, spacing)
-            )
+            g_hd95 = hd95_from_distances(*_whole_region_distances(gt_surf, pred_surf, spacing, layout))
 
     result = {
         "lesionwise_dice": lw_dice,
@@ -201,6 +213,19 @@ def evaluate_region(
     if lesion_table:
         result["lesions"] = rows
     return result
+
+
+def _whole_region_distances(
+    gt_surf: ComponentSurfaces, pred_surf: ComponentSurfaces, spacing: tuple[float, ...], layout: Layout | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Border distances GT → prediction and back over the whole region (in the case's frame when
+    packed: pieces lie side by side on the canvas, not where they are)."""
+    if layout is None:
+        return pred_surf.distances_to(gt_surf.points, spacing), gt_surf.distances_to(pred_surf.points, spacing)
+    gt_points, pred_points = layout.to_case(gt_surf.points), layout.to_case(pred_surf.points)
+    to_pred = SurfaceIndex(pred_points, pred_surf.ids, layout.shape, spacing).distances(gt_points)
+    to_gt = SurfaceIndex(gt_points, gt_surf.ids, layout.shape, spacing).distances(pred_points)
+    return to_pred, to_gt
 
 
 def _penalised(rows: list[dict], fp: int, n_ref: int, min_volume: float) -> tuple[float, float]:

@@ -54,7 +54,11 @@ def region_mask(seg: np.ndarray, values: Iterable[int]) -> np.ndarray:
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """26-connected components of a boolean mask: ``(labels uint32, count)``, labels 1..count."""
-    labels, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26, return_N=True)
+    # as uint8: cc3d labels a boolean line (shape like (3, 1, 1), a case of two 1-voxel pieces on a
+    # packed canvas) wrongly and raises; the uint8 path gives the same labels for every other shape
+    labels, n = cc3d.connected_components(
+        np.ascontiguousarray(mask, dtype=bool).view(np.uint8), connectivity=26, return_N=True
+    )
     return labels, int(n)
 
 

@@ -12,21 +12,42 @@ over the target points, built on first need and kept for the next query of the s
 Distances are ``sqrt((Δ0·s0)² + (Δ1·s1)² + (Δ2·s2)²)`` of the integer offset, the arithmetic of
 ``surface.directed_distances`` and of ``scipy.ndimage.distance_transform_edt``, so both paths return
 the same float for the same nearest offset.
+
+Distance maps (``maps=True``, for an index that many queries reuse, e.g. a reference scored against
+hundreds of predictions): a query of one component id reads a map of squared distances to that
+component's points, computed once with ``scipy.ndimage.distance_transform_edt`` (feature transform)
+over the box of the points and the queries, and grown when a query falls outside it. Maps are used
+only on an *exact grid* (:func:`exact_grid`: every spacing a multiple of 1/16 mm, the frame at most
+2048 mm wide): there every scaled offset is a multiple of 1/16, every squared distance a multiple
+of 1/256 below 2³², and the products in the feature transform stay below 2⁵³ at that resolution,
+so all of them are exact. The nearest point is then the true nearest for the EDT, the shell search
+and the k-d tree alike (ties have equal distances), and the map returns the same floats.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
-__all__ = ["DEFAULT_RADIUS", "SurfaceIndex", "offset_distance", "shells"]
+__all__ = ["DEFAULT_RADIUS", "SurfaceIndex", "exact_grid", "offset_distance", "shells"]
 
 # ball radius of the shell search, in units of the smallest spacing: ~120 offsets, which cover
 # nearly all points of a reasonable segmentation; the rest are cheaper in the k-d tree
 DEFAULT_RADIUS = 3.0
+# on an exact grid (every method returns the same floats, see ``exact_grid``) the few points left
+# beyond that ball continue in a wider one (~2000 offsets) when that is cheaper than building a
+# k-d tree over the targets (``_WIDE_COST`` gathers per target point)
+WIDE_RADIUS = 8.0
+_WIDE_COST = 50
+# many targets, few queries (on an exact grid): a k-d tree over the targets that can be nearest
+# (``SurfaceIndex._near_targets``), sized from a tree over every ``_NEAR_SAMPLE``-th target
+_NEAR_MIN = 20_000
+_NEAR_SAMPLE = 32
 
 
 def offset_distance(offsets: np.ndarray, sampling: np.ndarray) -> np.ndarray:
@@ -34,6 +55,17 @@ def offset_distance(offsets: np.ndarray, sampling: np.ndarray) -> np.ndarray:
     scaled = offsets.astype(np.float64) * sampling
     np.multiply(scaled, scaled, out=scaled)
     return np.sqrt((scaled[:, 0] + scaled[:, 1]) + scaled[:, 2])
+
+
+_MAP_SCALE = 256.0  # squared distances on an exact grid are multiples of 1/256 mm²
+_MAP_SLACK = 8  # voxels added around a grown map, so that a few more queries fit without a rebuild
+
+
+def exact_grid(spacing: Sequence[float], frame: Sequence[int]) -> bool:
+    """Whether every squared distance on this grid is exact in float64 (see the module docstring)."""
+    sampling = [float(s) for s in spacing]
+    multiples = all(s > 0 and s * 16.0 == round(s * 16.0) for s in sampling)
+    return multiples and max(int(n) * s for n, s in zip(frame, sampling)) <= 2048.0
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,6 +97,51 @@ def shells(spacing: tuple[float, float, float], radius: float) -> tuple[tuple[np
     return tuple(out)
 
 
+class _Plan(NamedTuple):
+    """The shells of one index: all offsets, where each shell ends, its distance, the search pad."""
+
+    offsets: np.ndarray
+    cuts: list[int]
+    distances: tuple[float, ...]
+    narrow: int  # shells of the first stage (``radius``); the rest is the wide stage
+    wide_size: int
+    pad: np.ndarray
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(spacing: tuple[float, float, float], radius: float, exact: bool) -> _Plan:
+    narrow = shells(spacing, radius)
+    last = narrow[-1][1]
+    wide = tuple(g for g in shells(spacing, max(WIDE_RADIUS, radius)) if g[1] > last) if exact else ()
+    groups = narrow + wide
+    offsets = np.concatenate([o for o, _ in groups])
+    cuts = [0, *np.cumsum([o.shape[0] for o, _ in groups]).tolist()]
+    pad = np.max(np.abs(offsets), axis=0).astype(np.int64)
+    return _Plan(offsets, cuts, tuple(d for _, d in groups), len(narrow), sum(o.shape[0] for o, _ in wide), pad)
+
+
+def _bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Box ``[lo, hi)`` of non-empty points ``(N, 3)``, column by column (an axis-0 reduction of a
+    narrow array is ~15× slower)."""
+    lo = np.array([points[:, a].min() for a in range(3)], dtype=np.int64)
+    hi = np.array([points[:, a].max() for a in range(3)], dtype=np.int64) + 1
+    return lo, hi
+
+
+def _shell_search(volume, shell_lin, test, todo: np.ndarray, lin: np.ndarray, out: np.ndarray):
+    """Shell by shell (nearest first), write the distance of every point of ``todo`` whose shell
+    holds a selected target into ``out``; return the points left (index and linear position)."""
+    for offsets, distance in shell_lin:
+        if todo.size == 0:
+            break
+        hit = test(volume[lin[:, None] + offsets[None, :]]).any(axis=1)
+        if hit.any():
+            out[todo[hit]] = distance
+            miss = ~hit
+            todo, lin = todo[miss], lin[miss]
+    return todo, lin
+
+
 class SurfaceIndex:
     """Surface points of several components, searchable for exact nearest distances.
 
@@ -75,6 +152,8 @@ class SurfaceIndex:
             points must live in it too.
         spacing: voxel size (mm).
         radius: ball radius of the shell search, in units of the smallest spacing.
+        maps: answer one-id queries from cached distance maps (on an exact grid; see the module
+            docstring); pays off when the index serves many queries.
     """
 
     def __init__(
@@ -85,15 +164,18 @@ class SurfaceIndex:
         spacing: Sequence[float],
         *,
         radius: float = DEFAULT_RADIUS,
+        maps: bool = False,
     ) -> None:
         self.spacing = tuple(float(s) for s in spacing)
+        self.frame = tuple(int(n) for n in frame)
+        exact = self._exact = exact_grid(self.spacing, self.frame)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = {} if maps and exact else None
         self.sampling = np.asarray(self.spacing, dtype=np.float64)
         self.points = points
         self.ids = np.asarray(ids, dtype=np.int64)
-        self._shells = shells(self.spacing, float(radius))
-        pad = np.max(np.abs(np.concatenate([o for o, _ in self._shells])), axis=0)
-        self._pad = pad.astype(np.int64)
-        shape = tuple(int(n) + 2 * int(p) for n, p in zip(frame, pad))
+        plan = _plan(self.spacing, float(radius), exact)
+        self._pad = plan.pad
+        shape = tuple(int(n) + 2 * int(p) for n, p in zip(frame, self._pad))
         self._strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
         # a volume of component ids (0 = no point) sized to the frame plus the search pad, in the
         # narrowest dtype: it is mostly untouched zero pages, and fewer pages fault in when written
@@ -102,11 +184,18 @@ class SurfaceIndex:
         self._volume = np.zeros(int(np.prod(shape)), dtype=dtype)
         if points.shape[0]:
             self._volume[self._linear(points)] = self.ids
-        self._shell_lin = [(offs @ self._strides, d) for offs, d in self._shells]
+        # every offset linearised in one product, then cut into the shells
+        flat = plan.offsets @ self._strides
+        linear = [flat[a:b] for a, b in zip(plan.cuts[:-1], plan.cuts[1:])]
+        self._shell_lin = list(zip(linear[: plan.narrow], plan.distances[: plan.narrow]))
+        self._wide_lin = list(zip(linear[plan.narrow :], plan.distances[plan.narrow :]))
+        self._wide_size = plan.wide_size
         self._trees: dict[object, tuple[cKDTree, np.ndarray]] = {}
 
     def _linear(self, points: np.ndarray) -> np.ndarray:
-        return (points + self._pad) @ self._strides
+        s0, s1, _ = self._strides.tolist()
+        p0, p1, p2 = self._pad.tolist()
+        return (points[:, 0] + p0) * s0 + (points[:, 1] + p1) * s1 + (points[:, 2] + p2)
 
     def _targets(self, select: int | Sequence[int] | None) -> np.ndarray:
         if select is None:
@@ -128,6 +217,8 @@ class SurfaceIndex:
         out = np.empty(n, dtype=np.float64)
         if n == 0:
             return out
+        if self._maps is not None and select is not None and np.ndim(select) == 0:
+            return self._map_distances(src, int(select))  # type: ignore[arg-type]
         if select is None:
 
             def test(values: np.ndarray) -> np.ndarray:
@@ -147,23 +238,62 @@ class SurfaceIndex:
 
         todo = np.arange(n)
         lin = self._linear(src)
-        for offsets, distance in self._shell_lin:
-            values = self._volume[lin[:, None] + offsets[None, :]]
-            hit = test(values).any(axis=1)
-            if hit.any():
-                out[todo[hit]] = distance
-                miss = ~hit
-                todo, lin = todo[miss], lin[miss]
-                if todo.size == 0:
-                    return out
-        out[todo] = self._tree_distances(src[todo], select)
+        todo, lin = _shell_search(self._volume, self._shell_lin, test, todo, lin, out)
+        if todo.size and todo.size * self._wide_size <= _WIDE_COST * self.points.shape[0]:
+            todo, lin = _shell_search(self._volume, self._wide_lin, test, todo, lin, out)
+        if todo.size:
+            out[todo] = self._tree_distances(src[todo], select)
         return out
+
+    def _map_distances(self, src: np.ndarray, select: int) -> np.ndarray:
+        """Distances read from the distance map of component ``select`` (built or grown on need)."""
+        lo, hi = _bounds(src)
+        entry = self._maps.get(select, False)  # type: ignore[union-attr]
+        if entry is not None and (entry is False or (lo < entry[0]).any() or (hi > entry[1]).any()):
+            entry = self._maps[select] = self._build_map(select, lo, hi, entry or None)  # type: ignore[index]
+        if entry is None:  # no point of that component
+            return np.full(src.shape[0], np.inf)
+        origin, _, squared = entry
+        local = src - origin
+        return np.sqrt(squared[local[:, 0], local[:, 1], local[:, 2]] / _MAP_SCALE)
+
+    def _build_map(self, select: int, lo: np.ndarray, hi: np.ndarray, old) -> tuple | None:
+        """Squared distances (1/256 mm², uint32) to the points of ``select`` over a box holding them,
+        ``[lo, hi)`` and the old map's box, plus some slack."""
+        targets = self._targets(select)
+        if targets.shape[0] == 0:
+            return None
+        target_lo, target_hi = _bounds(targets)
+        lo, hi = np.minimum(lo, target_lo), np.maximum(hi, target_hi)
+        if old is not None:
+            lo, hi = np.minimum(lo, old[0]), np.maximum(hi, old[1])
+        lo = np.maximum(lo - _MAP_SLACK, 0)
+        hi = np.minimum(hi + _MAP_SLACK, np.maximum(np.asarray(self.frame), hi))
+        free = np.ones(tuple(int(n) for n in hi - lo), dtype=bool)
+        local = targets - lo
+        free[local[:, 0], local[:, 1], local[:, 2]] = False
+        nearest = ndimage.distance_transform_edt(
+            free, sampling=self.sampling, return_distances=False, return_indices=True
+        )
+        squared = np.zeros(free.shape, dtype=np.float64)
+        for axis in range(3):
+            shape = [1, 1, 1]
+            shape[axis] = free.shape[axis]
+            step = (nearest[axis] - np.arange(free.shape[axis]).reshape(shape)) * self.sampling[axis]
+            squared += step * step
+        return lo, hi, np.rint(squared * _MAP_SCALE).astype(np.uint32)
 
     def _tree_distances(self, src: np.ndarray, select: int | Sequence[int] | None) -> np.ndarray:
         """k-d tree nearest distances for the points the shell search left (all beyond its ball)."""
         key = None if select is None else (int(select) if np.ndim(select) == 0 else tuple(int(i) for i in select))
         if key not in self._trees:
             dst = self._targets(select)
+            if self._exact and dst.shape[0] >= _NEAR_MIN and dst.shape[0] >= 8 * src.shape[0]:
+                near = self._near_targets(src, dst)
+                if near is not None:  # a tree over the targets that can be nearest, for these queries only
+                    tree = cKDTree(near * self.sampling, balanced_tree=False, compact_nodes=False)
+                    _, nearest = tree.query(src * self.sampling, k=1)
+                    return offset_distance(near[nearest] - src, self.sampling)
             # unbalanced, non-compact: several times faster to build, and the tree serves few queries
             tree = cKDTree(dst * self.sampling, balanced_tree=False, compact_nodes=False) if dst.shape[0] else None
             self._trees[key] = (tree, dst)  # type: ignore[assignment]
@@ -172,3 +302,21 @@ class SurfaceIndex:
             return np.full(src.shape[0], np.inf)
         _, nearest = tree.query(src * self.sampling, k=1)
         return offset_distance(dst[nearest] - src, self.sampling)
+
+    def _near_targets(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+        """The targets inside the box of ``src`` grown by an upper bound of every nearest distance,
+        or ``None`` when that is most of them.
+
+        The bound is the largest distance from a query to its nearest point of a sample of the
+        targets (a target, so no nearer than the nearest). Only on an exact grid: there any exact
+        nearest point gives the same float, whichever a smaller tree returns among equals.
+        """
+        sample = dst[::_NEAR_SAMPLE]
+        bound, _ = cKDTree(sample * self.sampling, balanced_tree=False, compact_nodes=False).query(
+            src * self.sampling, k=1
+        )
+        reach = np.ceil(float(bound.max()) / self.sampling).astype(np.int64) + 1
+        lo, hi = _bounds(src)
+        lo, hi = lo - reach, hi - 1 + reach
+        inside = np.all((dst >= lo) & (dst <= hi), axis=1)
+        return dst[inside] if np.count_nonzero(inside) * 2 <= dst.shape[0] else None

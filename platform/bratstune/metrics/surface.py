@@ -39,6 +39,7 @@ All distances are float64 in millimetres.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -182,22 +183,40 @@ class ComponentSurfaces:
         mask: boolean ``(X, Y, Z)``.
         labels: integer ``(X, Y, Z)``, the component (or group) id ≥ 1 of every voxel of ``mask``.
         kind: ``"surfel"`` (DeepMind corners with codes) or ``"voxel"`` (6-neighbour border voxels).
+        origin: position of ``mask[0, 0, 0]`` in a larger frame (a crop of it that holds the mask).
+        frame: shape of that frame's point grid, when ``mask`` is a crop: queries may come from
+            anywhere in it. Default: the mask's own.
+        maps: let the nearest-point index answer one-component queries from distance maps
+            (``bratstune.metrics.nearest``), for surfaces that many queries reuse.
 
     Points are grouped by id (ascending), in C order inside a group; corners live in the frame
-    ``mask.shape + 1`` (corner ``c`` sits between voxels ``c − 1`` and ``c``).
+    ``mask.shape + 1`` (corner ``c`` sits between voxels ``c − 1`` and ``c``), plus ``origin``.
     """
 
-    def __init__(self, mask: np.ndarray, labels: np.ndarray, kind: str) -> None:
+    def __init__(
+        self,
+        mask: np.ndarray,
+        labels: np.ndarray,
+        kind: str,
+        *,
+        origin: Sequence[int] = (0, 0, 0),
+        frame: Sequence[int] | None = None,
+        maps: bool = False,
+    ) -> None:
         if kind not in ("surfel", "voxel"):
             raise ValueError(f"kind must be 'surfel' or 'voxel', got {kind!r}")
         if kind == "surfel":
             points, codes = surfel_points(mask)
             ids = _corner_ids(labels, points, codes)
-            self.frame = tuple(int(n) + 1 for n in mask.shape)
+            own = tuple(int(n) + 1 for n in mask.shape)
         else:
             points, codes = border_points(mask), None
             ids = labels[points[:, 0], points[:, 1], points[:, 2]].astype(np.int64)
-            self.frame = tuple(int(n) for n in mask.shape)
+            own = tuple(int(n) for n in mask.shape)
+        if any(origin):
+            points += np.asarray(origin, dtype=np.int64)
+        self.frame = own if frame is None else tuple(int(n) for n in frame)
+        self.maps = maps
         order = np.argsort(ids, kind="stable")
         self.kind = kind
         self.points = points[order]
@@ -227,11 +246,15 @@ class ComponentSurfaces:
         ``select`` is one id, several, or ``None`` for the whole mask; ``src`` must be in this
         object's frame. Equal to ``directed_distances(src, self.select(...)[0], spacing)``.
         """
+        return self.index(spacing).distances(src, select)
+
+    def index(self, spacing: Sequence[float]) -> SurfaceIndex:
+        """The nearest-point index of these points for ``spacing`` (built once)."""
         key = tuple(float(s) for s in spacing)
         index = self._indexes.get(key)
         if index is None:
-            index = self._indexes[key] = SurfaceIndex(self.points, self.ids, self.frame, key)
-        return index.distances(src, select)
+            index = self._indexes[key] = SurfaceIndex(self.points, self.ids, self.frame, key, maps=self.maps)
+        return index
 
 
 def _corner_ids(labels: np.ndarray, corners: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -241,7 +264,8 @@ def _corner_ids(labels: np.ndarray, corners: np.ndarray, codes: np.ndarray) -> n
     there needs no padded copy of ``labels``.
     """
     voxel = corners - 1 + _FIRST_VOXEL[codes]
-    return labels[voxel[:, 0], voxel[:, 1], voxel[:, 2]].astype(np.int64)
+    flat = (voxel[:, 0] * labels.shape[1] + voxel[:, 1]) * labels.shape[2] + voxel[:, 2]
+    return np.ascontiguousarray(labels).ravel().take(flat).astype(np.int64)  # one 1-D gather
 
 
 def _first_voxel_table() -> np.ndarray:
@@ -274,6 +298,25 @@ class SurfaceDistances:
         self.gt_to_pred, self.gt_areas = _sorted_pairs(gt_to_pred, gt_areas)
         self.pred_to_gt, self.pred_areas = _sorted_pairs(pred_to_gt, pred_areas)
 
+    @classmethod
+    def from_codes(
+        cls, gt_to_pred, gt_codes, pred_to_gt, pred_codes, spacing: Sequence[float], *, exact: bool = False
+    ) -> SurfaceDistances:
+        """From distances and the neighbourhood codes of the surface elements (areas from the table).
+
+        ``exact``: the distances are exact on their grid (``bratstune.metrics.nearest.exact_grid``),
+        each ``sqrt(k / 256)`` for an integer ``k``; then one sort of integer keys ``(k, area rank)``
+        gives the same sorted pairs as sorting the floats, several times faster.
+        """
+        spacing_t = tuple(float(s) for s in spacing)
+        areas = surfel_area_table(spacing_t)
+        if not (exact and np.all(np.isfinite(gt_to_pred)) and np.all(np.isfinite(pred_to_gt))):
+            return cls(gt_to_pred, areas[gt_codes], pred_to_gt, areas[pred_codes])
+        out = cls.__new__(cls)
+        out.gt_to_pred, out.gt_areas = _sorted_exact(gt_to_pred, gt_codes, spacing_t)
+        out.pred_to_gt, out.pred_areas = _sorted_exact(pred_to_gt, pred_codes, spacing_t)
+        return out
+
     @staticmethod
     def _directed_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
         if distances.size == 0:
@@ -291,8 +334,34 @@ class SurfaceDistances:
 
 
 def _sorted_pairs(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((areas, distances))  # by distance, ties by area (DeepMind sorts (d, a) tuples)
-    return distances[order], areas[order]
+    """The pairs sorted by distance, ties by area (DeepMind sorts ``(d, a)`` tuples).
+
+    numpy sorts complex numbers lexicographically by (real, imaginary): one sort of ``d + i·a``
+    gives the same sequence as ``lexsort`` (equal pairs are equal values), about twice as fast.
+    """
+    pairs = np.empty(distances.shape[0], dtype=np.complex128)
+    pairs.real = distances
+    pairs.imag = areas
+    pairs.sort()
+    return np.ascontiguousarray(pairs.real), np.ascontiguousarray(pairs.imag)
+
+
+@functools.lru_cache(maxsize=16)
+def _area_ranks(spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per neighbourhood code, the rank of its area among the distinct areas; and the areas by rank."""
+    values, ranks = np.unique(surfel_area_table(spacing), return_inverse=True)
+    return ranks.astype(np.int64), values
+
+
+def _sorted_exact(distances: np.ndarray, codes: np.ndarray, spacing: tuple[float, float, float]):
+    """``_sorted_pairs(distances, areas[codes])`` for exact distances ``sqrt(k / 256)``: the key
+    ``k·2⁸ + area rank`` (``k < 2³²``, recovered exactly as ``rint(256·d²)``) sorts as the pairs do,
+    and ``sqrt(k / 256)`` gives back the very float."""
+    ranks, values = _area_ranks(spacing)
+    squared = np.rint(distances * distances * 256.0).astype(np.int64)
+    keys = (squared << 8) | ranks[codes]
+    keys.sort()
+    return np.sqrt((keys >> 8) / 256.0), values[keys & 255]
 
 
 def surfel_distances_from_points(

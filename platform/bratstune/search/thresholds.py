@@ -15,6 +15,11 @@ minimum lesion size and hole filling) and scores the result with the BraTS lesio
 only the probabilities are expensive, and they are computed once
 (:func:`bratstune.search.threshold_job.cache_probabilities`, or out-of-fold in cross-validation).
 
+Scoring hundreds of configurations of the same cases reuses what does not change
+(:mod:`bratstune.search.decode_cache`: the reference prepared once per case, only the box that a
+configuration can label decoded; the same values as decoding and scoring the whole volume), and
+``workers=2`` spreads the cases over two processes.
+
 Metrics: ``dice_lesion_<R>``, ``dice_<R>`` (legacy), ``hd95_lesion_<R>`` and their ``_mean``.
 """
 
@@ -24,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,17 +38,14 @@ import optuna
 from bratstune.config_utils import suggest
 from bratstune.errors import ConfigError, DataError
 from bratstune.inference.decode import DEFAULT_THRESHOLD, DecodeSettings
-from bratstune.metrics import lesion_wise
+from bratstune.search.decode_cache import CasePool, case_metrics
 from bratstune.search.params import ParamSpec
 from bratstune.search.sections import make_sampler
 from bratstune.search.threshold_space import METRIC, ThresholdSpec
-from bratstune.training.validate import region_dice
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CachedCase", "ThresholdOutcome", "evaluate", "search_thresholds", "settings_mapping"]
-
-_LESION_KEYS = {"dice_lesion": "lesionwise_dice", "dice": "legacy_dice", "hd95_lesion": "lesionwise_hd95"}
 
 
 @dataclass
@@ -54,12 +56,22 @@ class CachedCase:
         probs: float16 ``(R, x, y, z)`` sigmoid per region channel (``scheme.train_regions``).
         label: uint8 reference ``(x, y, z)``.
         spacing: voxel size in mm.
+
+    From its second scoring on, :func:`evaluate` keeps on the case what every configuration reuses
+    (:class:`~bratstune.search.decode_cache.PreparedCase`; :func:`search_thresholds` from the
+    first); it is rebuilt when ``probs`` or ``label`` is replaced by another array (not when one
+    is changed in place), and left out when the case is pickled or copied.
     """
 
     case_id: str
     probs: np.ndarray
     label: np.ndarray
     spacing: tuple[float, float, float]
+    _prepared: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the prepared state (it stays in its process, and is rebuilt)."""
+        return {**vars(self), "_prepared": {}}
 
 
 def settings_mapping(settings: DecodeSettings) -> dict[str, Any]:
@@ -91,22 +103,20 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean metrics over ``cases``: ``dice_<R>`` always; lesion-wise ones when ``lesion`` and ``challenge``.
 
-    ``DecodeSettings()`` scores the default decode (threshold 0.5, no post-processing).
+    ``DecodeSettings()`` scores the default decode (threshold 0.5, no post-processing). Each case is
+    decoded with :meth:`DecodeSettings.decode_regions` and scored with ``region_dice`` and
+    ``lesion_wise`` (value for value; :mod:`bratstune.search.decode_cache` reuses the reference
+    across calls and decodes only the box that can change).
     """
+    return _mean_metrics([case_metrics(case, scheme, settings, challenge, lesion) for case in cases], scheme)
+
+
+def _mean_metrics(rows: Sequence[Mapping[str, float]], scheme: Any) -> dict[str, float]:
+    """Per-case metrics -> their NaN-mean over cases, plus ``<prefix>_mean`` over the regions."""
     per: dict[str, list[float]] = {}
-    for case in cases:
-        pred = settings.decode_regions(case.probs, scheme)
-        for region, value in region_dice(pred, case.label, scheme).items():
-            per.setdefault(f"dice_{region}", []).append(value)
-        if not (lesion and challenge):
-            continue
-        result = lesion_wise(pred, case.label, challenge, spacing=case.spacing)
-        for region, row in result.items():
-            if region not in scheme.regions or not isinstance(row, Mapping):
-                continue
-            for short, key in _LESION_KEYS.items():
-                if short != "dice" and key in row:
-                    per.setdefault(f"{short}_{region}", []).append(float(row[key]))
+    for row in rows:
+        for key, value in row.items():
+            per.setdefault(key, []).append(value)
     out = {k: float(np.nanmean(v)) for k, v in per.items()}
     for prefix in ("dice_lesion", "dice", "hd95_lesion"):
         vals = [out[f"{prefix}_{r}"] for r in scheme.regions if f"{prefix}_{r}" in out]
@@ -199,11 +209,13 @@ def search_thresholds(
     challenge: str | None,
     num_samples: int | None = None,
     timeout_s: float | None = None,
+    workers: int = 1,
 ) -> ThresholdOutcome:
     """Optuna search over thresholds and post-processing on cached probabilities.
 
     The first trial is the default (thresholds 0.5, no post-processing), so ``best_metric`` is
-    never worse than ``baseline_metric``.
+    never worse than ``baseline_metric``. ``workers > 1`` scores the cases in that many processes
+    forked once (:class:`~bratstune.search.decode_cache.CasePool`; same values, in case order).
     """
     if not cases:
         raise DataError(None, "threshold search needs at least one labelled validation case")
@@ -212,17 +224,20 @@ def search_thresholds(
     study = _study(spec)
     table: list[dict[str, Any]] = []
 
+    pool = CasePool(cases, scheme, challenge=challenge, lesion=lesion, workers=workers)
+
     def objective(trial: optuna.Trial) -> float:
         values = spec.define_by_run(trial)
         settings = DecodeSettings.from_values(values, scheme.train_regions)
-        metrics = evaluate(cases, scheme, settings, challenge=challenge, lesion=lesion)
+        metrics = _mean_metrics(pool.metrics(settings), scheme)
         value = metrics.get(spec.metric, float("nan"))
         table.append({"trial": trial.number, **values, **metrics})
         return value if math.isfinite(value) else (-1e9 if spec.mode == "max" else 1e9)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
-    study.optimize(objective, n_trials=num_samples or spec.num_samples, timeout=timeout_s)
+    with pool:
+        study.optimize(objective, n_trials=num_samples or spec.num_samples, timeout=timeout_s)
     seconds = time.perf_counter() - start
     best = study.best_trial
     row = table[best.number]
