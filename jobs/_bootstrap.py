@@ -35,15 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
 PACKAGE = PLATFORM / "bratstune"
 
-# Ray binds to the machine's external address unless told to stay on loopback (see STACK-NOTES);
-# Ray reads this when it is imported, so it is set before anything imports ray.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
 if PACKAGE.is_dir() and str(PLATFORM) not in sys.path:
     sys.path.insert(0, str(PLATFORM))
 
 # Importable only now that platform/ is on sys.path.
 from bratstune import paths  # noqa: E402
+
+# Ray binds to the machine's external address unless told to stay on loopback (STACK-NOTES); it
+# reads this when it is imported, so it is set before anything below imports ray.
+paths.keep_ray_on_loopback()
+
 from bratstune.errors import BratstuneError  # noqa: E402
 from bratstune.tracking import runs as tracking  # noqa: E402
 

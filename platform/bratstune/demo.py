@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +131,7 @@ def run_demo(
     config: DemoConfig = DemoConfig(), *, runtime_env: dict | None = None, search_space: Path | None = None
 ) -> int:
     """Run every step of the demo; returns a process exit code."""
-    # Before Ray is imported: keep every Ray process on 127.0.0.1 (see STACK-NOTES).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    paths.keep_ray_on_loopback()  # before Ray is imported
     # Deferred: Ray is needed only on this path (and takes seconds to import).
     import ray  # noqa: PLC0415
 

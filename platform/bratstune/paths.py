@@ -107,3 +107,15 @@ def use_endpoints(environ: MutableMapping[str, str] | None = None) -> dict[str, 
         applied["RAY_AUTH_MODE"] = "disabled"
     env.update(applied)
     return applied
+
+
+#: Ray rewrites 127.0.0.1 to the machine's external address and binds every interface unless this
+#: is set before Ray is imported (see STACK-NOTES): a local Ray must stay on loopback.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def keep_ray_on_loopback(environ: MutableMapping[str, str] | None = None) -> None:
+    """Keep a local Ray on 127.0.0.1. Call before ``import ray``; an explicit setting wins."""
+    env = os.environ if environ is None else environ
+    for key, value in RAY_LOOPBACK.items():
+        env.setdefault(key, value)

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import bratstune
+from bratstune import paths
 from bratstune.errors import ConfigError
 from bratstune.predict.batch import BatchSummary, predict_cohort, watch
 
@@ -58,12 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _init_ray(args: argparse.Namespace) -> None:
     if args.workers <= 1:
         return
+    paths.keep_ray_on_loopback()  # before Ray is imported
     # Deferred: Ray takes seconds to import and only multi-worker runs use it.
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"py_modules": [str(Path(bratstune.__file__).parent)]})

@@ -15,7 +15,6 @@ returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bratstune import paths
 from bratstune.data.case import load_case
 from bratstune.data.nifti import write_nifti_atomic
 from bratstune.ensemble.package import Ensemble
@@ -157,11 +157,11 @@ def run_local(cases: Sequence[Any], make: Callable[[], CasePredictor], on_result
 
 def run_ray(cases: Sequence[Any], workers: int, kwargs: Mapping[str, Any], on_result: Callable[[Row], None]) -> None:
     """Predict ``cases`` with ``workers`` Ray actors (``CasePredictor(**kwargs)`` each), results as they come."""
+    paths.keep_ray_on_loopback()  # before Ray is imported
     # Deferred: Ray takes seconds to import and only multi-worker runs use it.
     import ray  # noqa: PLC0415
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         logger.info("starting a local Ray with %d CPUs", workers)
         ray.init(num_cpus=workers, include_dashboard=False)
     actor_cls = ray.remote(num_cpus=1)(CasePredictor)
