@@ -2,7 +2,9 @@
 
 Every attempt appends ``start`` (trial id, Ray node id, PID, whether it resumed from a
 checkpoint) and, after each epoch has been reported to Tune (and its checkpoint persisted),
-``reported`` lines to a JSON-lines file on the shared disk. Shipped to the Ray workers by value
+``reported`` lines to a JSON-lines file on the shared disk. An attempt on ``hold_node`` waits
+after its first report, so the test's node kill always lands mid-trial (a fast machine could
+otherwise finish all epochs between the report and the kill). Shipped to the Ray workers by value
 (``cloudpickle.register_pickle_by_value``), since tests/ is not importable there.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -18,7 +21,7 @@ def _append(log: str, event: dict) -> None:
         out.write(json.dumps(event) + "\n")
 
 
-def record_attempts(config, data, reporter=None, *, log: str, **kwargs):
+def record_attempts(config, data, reporter=None, *, log: str, hold_node: str | None = None, **kwargs):
     import ray
     from ray import tune
 
@@ -33,6 +36,8 @@ def record_attempts(config, data, reporter=None, *, log: str, **kwargs):
         if reporter is not None:
             reporter(epoch)
         _append(log, {"event": "reported", "epoch": epoch.epoch, **where})
+        if node_id == hold_node:
+            time.sleep(300)  # the test kills this node long before; the bound only stops a runaway
 
     return fit(config, data, report, **kwargs)
 

@@ -175,7 +175,7 @@ def test_trials_span_two_nodes_and_survive_losing_one(tmp_path, ray_env, cluster
                 name="two-nodes",
                 tracking_uri=uri,
                 experiment_id=experiment_id,
-                fit_fn=functools.partial(placement.record_attempts, log=str(events_log)),
+                fit_fn=functools.partial(placement.record_attempts, log=str(events_log), hold_node=second_node),
                 verbose=0,
             )
         finally:
