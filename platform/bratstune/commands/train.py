@@ -26,6 +26,7 @@ import mlflow
 from bratstune import paths
 from bratstune.config_utils import apply_overrides, load_yaml
 from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config
+from bratstune.data.fingerprint import data_fingerprint
 from bratstune.data.splits import CASES_FILE, CaseRecord, train_val
 from bratstune.errors import ConfigError
 from bratstune.inference.outputs import decode_prediction
@@ -131,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     out = (args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute()
     print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, output {out}")
 
+    # the cases and their preprocessing, and the training-label dust removal when it is on
+    fingerprint = data_fingerprint(
+        [c.case_id for c in prepared.cases], prepared.preprocess, label_dust=config.data.label_dust
+    )
     experiment_id = setup_mlflow(args.experiment)
     tags = {
         "data.root": str(Path(args.data).absolute()),
@@ -144,13 +149,13 @@ def run(args: argparse.Namespace) -> int:
         run_name=args.run_name or f"{config.model.name}-{time.strftime('%H%M%S')}",
         experiment_id=experiment_id,
         tags=tags,
-        data_fingerprint=prepared.fingerprint,
+        data_fingerprint=fingerprint,
         config=config,
     ) as run:
         log_cohort_input(
             run.info.run_id,
             name=Path(args.data).resolve().name,
-            fingerprint=prepared.fingerprint,
+            fingerprint=fingerprint,
             root=Path(args.data).resolve(),
             cases=len(data.train) + len(data.val),
             profile={"train_cases": len(data.train), "val_cases": len(data.val)},

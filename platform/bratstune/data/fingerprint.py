@@ -1,7 +1,8 @@
 """Fingerprints of a cohort: what a model was trained on, to record and to compare against.
 
-* :func:`data_fingerprint`: a short hash of the case ids and the preprocessing config, recorded
-  on every run and model (``data.fingerprint`` tag), so "trained on the same data" can be checked.
+* :func:`data_fingerprint`: a short hash of the case ids and the preprocessing config (and, when
+  it is on, the training-label dust removal), recorded on every run and model
+  (``data.fingerprint`` tag), so "trained on the same data" can be checked.
 * :func:`training_fingerprint`: the ranges of the training cases' shape, spacing, orientation and
   intensity percentiles (from ``PreprocessedCase.fingerprint``); batch prediction compares each new
   case against it (:func:`bratstune.predict.drift.check_drift`). It also records the model grid
@@ -25,16 +26,20 @@ __all__ = ["PERCENTILES", "data_fingerprint", "legacy_grid", "training_fingerpri
 PERCENTILES = ("p1", "p50", "p99")
 
 
-def data_fingerprint(case_ids: Iterable[str], preprocess: Any = None) -> str:
-    """16-hex-digit hash of the sorted case ids and the preprocessing config."""
-    payload = json.dumps(
-        {
-            "cases": sorted(str(c) for c in case_ids),
-            "preprocess": to_dict(preprocess) if preprocess is not None else None,
-        },
-        sort_keys=True,
-        default=str,
-    )
+def data_fingerprint(case_ids: Iterable[str], preprocess: Any = None, *, label_dust: Any = None) -> str:
+    """16-hex-digit hash of the sorted case ids and the preprocessing config.
+
+    ``label_dust``: the training config's ``data.label_dust`` (``LabelDustConfig`` or mapping); when
+    it is enabled the training targets differ, and so does the hash (off: the hash without it).
+    """
+    content: dict[str, Any] = {
+        "cases": sorted(str(c) for c in case_ids),
+        "preprocess": to_dict(preprocess) if preprocess is not None else None,
+    }
+    dust = to_dict(label_dust) if label_dust is not None else None
+    if dust and dust.get("enabled"):
+        content["label_dust"] = dust
+    payload = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "SCHEDULES",
     "DataConfig",
     "InitConfig",
+    "LabelDustConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -208,6 +209,29 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LabelDustConfig:
+    """Training-label dust removal (:mod:`bratstune.training.label_dust`); off by default.
+
+    Args:
+        enabled: remove ground-truth lesions below the threshold from the training targets, under
+            the lesion definition of ``validation.protocol`` (brats2023: dilation-merged components).
+        min_volume: threshold in mm³; ``null`` = the protocol's official one for the challenge
+            (brats2023: 50 mm³, MET 2 mm³); brats2026 has none, so it needs a number.
+    """
+
+    enabled: bool = False
+    min_volume: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"data.label_dust.enabled: expected true or false, got {self.enabled!r}")
+        if self.min_volume is not None:
+            object.__setattr__(
+                self, "min_volume", check_number(self.min_volume, "data.label_dust.min_volume", minimum=0.0)
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Patch sampling, augmentation, preprocessing and background loading.
 
@@ -224,6 +248,10 @@ class DataConfig:
             e.g. ``[2, 2, 2]``, the CPU presets' value; ``null`` = the cohort's median spacing),
             ``orientation`` (default ``RAS``), ``crop_to_brain``, ``margin``, ``normalize``,
             ``percentile_rescale``, ``histogram_match``.
+        variant: name of a preprocessing variant a search prepared before its trials (the space's
+            ``data.variants``); the trial trains on that cached variant and records its config
+            here under ``preprocess``; ``null`` = the search's default preprocessing.
+        label_dust: :class:`LabelDustConfig` (remove small ground-truth lesions from the targets).
     """
 
     patch_size: tuple[int, int, int] | int = (48, 48, 48)
@@ -233,6 +261,8 @@ class DataConfig:
     prefetch_factor: int = 2
     augment: dict[str, Any] | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+    label_dust: LabelDustConfig = field(default_factory=LabelDustConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", to_triple(self.patch_size, "data.patch_size"))
@@ -373,6 +403,12 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every: expected an integer >= 1, got {self.checkpoint_every!r}")
         check_choice(self.amp, AMP_MODES, "amp")
         check_choice(self.device, DEVICES, "device")
+        dust = self.data.label_dust
+        if dust.enabled and dust.min_volume is None and self.validation.protocol != "brats2023":
+            raise ConfigError(
+                f"data.label_dust.min_volume: protocol {self.validation.protocol} has no official lesion size "
+                "threshold; give one in mm³"
+            )
 
     @property
     def total_steps(self) -> int:

@@ -65,6 +65,7 @@ from bratstune.training.checkpoint import (
     save_state,
 )
 from bratstune.training.config import TrainConfig, load_train_config
+from bratstune.training.label_dust import apply_label_dust
 from bratstune.training.loader import build_train_loader
 from bratstune.training.losses import CompoundLoss, deep_supervision_loss
 from bratstune.training.mask_loss import HungarianMaskLoss
@@ -421,7 +422,7 @@ def fit(
     )
     loader = build_train_loader(
         config,
-        data.train,
+        apply_label_dust(config, data.train, data.scheme),  # validation keeps the original labels
         data.scheme,
         start_epoch=run.state.epoch,
         num_workers=workers,
