@@ -12,7 +12,10 @@ For each validation case (cropped, normalised ``(4, x, y, z)`` from the cache):
 
 Metric names: ``val/dice_<REGION>``, ``val/dice_mean`` and whatever ``lesion_wise`` returns,
 prefixed ``val/`` (e.g. ``val/dice_lesion_ET``, ``val/hd95_lesion_WT``,
-``val/dice_lesion_mean``). Every value is the mean over the validation cases.
+``val/dice_lesion_mean``), plus lesion-wise recall and precision (``val/recall_lesion_<R>`` =
+TP / (TP + FN) of the lesions the protocol counts, ``val/precision_lesion_<R>`` = TP / (TP + FP)
+of the predicted components; a case without any leaves the mean alone) and voxel sensitivity
+(``val/sensitivity_<R>``). Every value is the mean over the validation cases.
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ def case_lesion_metrics(
 ) -> dict[str, float]:
     """BraTS lesion-wise Dice / HD95 and legacy HD95 per region of ``scheme`` (plus means).
 
-    Keys: ``dice_lesion_<R>``, ``hd95_lesion_<R>``, ``hd95_<R>``, and ``..._mean`` over regions.
+    Keys: ``dice_lesion_<R>``, ``hd95_lesion_<R>``, ``hd95_<R>``, ``recall_lesion_<R>``,
+    ``precision_lesion_<R>``, ``sensitivity_<R>`` (voxels), and ``..._mean`` over regions
+    (recall/precision are NaN where their denominator is 0).
     ``protocol``: ``brats2023`` (the rules of GLI/SSA/PED/MEN/MET 2023) or ``brats2026``.
     """
     raw = lesion_wise(
@@ -98,7 +103,23 @@ def case_lesion_metrics(
                 values.append(float(row[key]))
         if values:
             out[f"{prefix}_mean"] = _mean(values)
+    for prefix, ratio in _COUNT_RATIOS.items():
+        values = [ratio(row) for row in raw.values()]
+        out.update({f"{prefix}_{region}": value for region, value in zip(raw, values)})
+        out[f"{prefix}_mean"] = _mean(values)
     return out
+
+
+def _share(part: float, other: float) -> float:
+    return float(part) / float(part + other) if part + other > 0 else float("nan")
+
+
+#: metric prefix -> its value from one region's ``lesion_wise`` row (lesion counts, voxel sensitivity)
+_COUNT_RATIOS = {
+    "recall_lesion": lambda row: _share(row["num_tp"], row["num_fn"]),
+    "precision_lesion": lambda row: _share(row["num_tp"], row["num_fp"]),
+    "sensitivity": lambda row: float(row.get("sensitivity", float("nan"))),
+}
 
 
 def _mean(values: list[float]) -> float:
@@ -150,6 +171,7 @@ def validate(
                     per_metric.setdefault(f"val/{key}", []).append(value)
     finally:
         model.train(was_training)
+    # NaN (no lesion to recall in a case) leaves the mean of the others; all NaN stays NaN
     return {name: _mean(values) for name, values in per_metric.items()}
 
 
