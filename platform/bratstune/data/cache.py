@@ -174,6 +174,11 @@ class CaseCache:
         return self.root / "references" / f"{config.fingerprint()}.json"
 
     # --- read / write ---------------------------------------------------------------------
+    def cohort_reference(self, config: PreprocessConfig) -> HistogramReference | None:
+        """The cohort histogram reference :meth:`prepare` stored for ``config`` (``None`` unless it matches
+        to the cohort); ``ConfigError`` when it was never prepared here."""
+        return self._cohort_reference(config)
+
     def _cohort_reference(self, config: PreprocessConfig) -> HistogramReference | None:
         if config.histogram_match != COHORT:
             return None

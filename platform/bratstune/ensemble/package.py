@@ -52,9 +52,10 @@ import torch
 from safetensors.torch import save_file
 
 from bratstune.config_utils import to_dict
+from bratstune.data.cache import CaseCache
 from bratstune.data.case import MODALITIES, CaseData
 from bratstune.data.cohort import preprocess_config
-from bratstune.data.preprocess import HistogramReference, preprocess_case
+from bratstune.data.preprocess import COHORT, HistogramReference, preprocess_case
 from bratstune.ensemble.manifest import manifest_digest, verify_manifest, write_manifest
 from bratstune.ensemble.member import Member
 from bratstune.ensemble.model_grid import hierarchy_drops, input_grid_settings, model_grid, recorded_preprocess
@@ -204,7 +205,9 @@ class Ensemble:
             training_fingerprint: :func:`bratstune.data.fingerprint.training_fingerprint` of the training data.
             lineage: search / CV run ids, data fingerprint, git commit ... (strings).
             metrics: validation metrics of the ensemble (e.g. ``val/dice_mean``).
-            reference: ``HistogramReference`` when the preprocessing matches histograms.
+            reference: ``HistogramReference`` when the preprocessing matches histograms; for
+                ``histogram_match: cohort`` (e.g. a preprocessing search's variant) default the
+                cohort reference in the preprocessing cache (``CaseCache.cohort_reference``).
             oof_statistics: :func:`bratstune.predict.plausibility.oof_statistics` of the members'
                 out-of-fold predictions (cohort-level plausibility flags).
 
@@ -230,6 +233,9 @@ class Ensemble:
         if not hasattr(preprocess, "fingerprint"):
             preprocess = preprocess_config(preprocess)
         preprocess = model_grid(preprocess, training_fingerprint or {})
+        if preprocess.histogram_match == COHORT and reference is None:
+            # a search's cohort-matched variant: the reference its cache holds (ConfigError if none)
+            reference = CaseCache().cohort_reference(preprocess)
         if preprocess.histogram_match is not None and reference is None:
             raise ConfigError("the preprocessing matches histograms: pass reference=HistogramReference(...)")
         names = [m.name for m in built]

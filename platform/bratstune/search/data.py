@@ -8,25 +8,35 @@
 Cases are preprocessed once into the on-disk cache; trials reopen them as memory maps
 (``share: cache``) or receive them through the object store (``share: object_store``, for
 clusters without a shared file system). No trial decodes NIfTI.
+
+A space with ``data.variants`` (e.g. ``search_spaces/preprocessing.yaml``) has every variant cached
+here, before the first trial; a trial picks one by name (``data.variant``) with
+:meth:`DataHandle.for_trial`, which also records the variant's preprocessing in the trial's config
+(so it travels with the model into an ensemble package and is applied at prediction time) and
+the training-label dust removal in the trial's data fingerprint.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bratstune import paths
+from bratstune.config_utils import to_dict
 from bratstune.data.cache import CaseCache
 from bratstune.data.cohort import TrainData, prepare_cohort, preprocess_config
+from bratstune.data.fingerprint import data_fingerprint
 from bratstune.data.layout import discover
 from bratstune.data.splits import train_val
 from bratstune.data.synthetic import generate_cohort
+from bratstune.errors import ConfigError
 from bratstune.search.space import SearchSpec
+from bratstune.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ class DataHandle:
         fingerprint: hash of case ids and preprocessing config (logged to MLflow).
         arrays: ``object_store`` mode: the preprocessed train/val cases themselves (plain arrays,
             shipped once through Ray's object store by ``tune.with_parameters``).
+        variants: name -> ``PreprocessConfig`` of every preprocessing variant cached for the trials
+            (the space's ``data.variants``; empty without).
+        cohort_ids: the cases the fingerprint covers (the prepared cohort's).
     """
 
     root: Path
@@ -56,6 +69,37 @@ class DataHandle:
     scheme: Any
     fingerprint: str
     arrays: tuple[list[Any], list[Any]] | None = None
+    variants: dict[str, Any] = field(default_factory=dict)
+    cohort_ids: list[str] = field(default_factory=list)
+
+    def variant(self, name: str) -> DataHandle:
+        """The handle of the cached preprocessing variant ``name`` (its config and fingerprint)."""
+        if name not in self.variants:
+            raise ConfigError(
+                f"data.variant: no preprocessing variant {name!r} was prepared for this search; "
+                f"prepared: {sorted(self.variants) or 'none (the space has no data.variants)'}"
+            )
+        preprocess = self.variants[name]
+        return replace(
+            self, preprocess=preprocess, fingerprint=data_fingerprint(self.cohort_ids or self.case_ids, preprocess)
+        )
+
+    def for_trial(self, config: TrainConfig) -> tuple[DataHandle, TrainConfig]:
+        """The data a trial of ``config`` trains on, and ``config`` recording it.
+
+        ``data.variant`` selects a cached variant and its preprocessing replaces the config's
+        ``data.preprocess`` (what an ensemble package applies at prediction time); an enabled
+        ``data.label_dust`` enters the fingerprint (the targets differ).
+        """
+        handle = self
+        if config.data.variant is not None:
+            handle = self.variant(config.data.variant)
+            config = replace(config, data=replace(config.data, preprocess=to_dict(handle.preprocess)))
+        if config.data.label_dust.enabled:
+            ids = handle.cohort_ids or handle.case_ids
+            fingerprint = data_fingerprint(ids, handle.preprocess, label_dust=config.data.label_dust)
+            handle = replace(handle, fingerprint=fingerprint)
+        return handle, config
 
     @property
     def case_ids(self) -> list[str]:
@@ -107,8 +151,16 @@ def prepare_data(
     """
     root = Path(root).resolve()
     cache = CaseCache(cache_root)
-    preprocess = preprocess_config({**dict(spec.base_config().data.preprocess), **dict(spec.data.preprocess)})
+    common = {**dict(spec.base_config().data.preprocess), **dict(spec.data.preprocess)}
+    preprocess = preprocess_config(common)
     prepared = prepare_cohort(root, preprocess, workers=workers, cache_root=cache.root)
+    variants = {}
+    for name, overrides in spec.data.variants.items():  # every variant cached before any trial starts
+        variant = preprocess_config({**common, **overrides})
+        variants[name] = prepare_cohort(root, variant, workers=workers, cache_root=cache.root).preprocess
+        if val_root is not None:
+            prepare_cohort(Path(val_root).resolve(), variants[name], cache_root=cache.root)
+        logger.info("preprocessing variant %s cached: %s", name, to_dict(variants[name]))
     val_cases = None
     if val_root is not None:
         val_cases = prepare_cohort(Path(val_root).resolve(), prepared.preprocess, cache_root=cache.root).cases
@@ -146,6 +198,8 @@ def prepare_data(
         scheme=prepared.scheme,
         fingerprint=prepared.fingerprint,
         arrays=arrays,
+        variants=variants,
+        cohort_ids=[c.case_id for c in prepared.cases],
     )
 
 

@@ -5,6 +5,7 @@ A training space (:mod:`bratstune.search.space`, ``kind: train``) and a threshol
 
     search: {algorithm: tpe, seed: 0, n_startup_trials: 4}    # SearchAlgSpec -> make_sampler
     data: {val_fraction: 0.25, split_seed: 0, preprocess: {}, share: cache}   # DataSpec
+    data: {variants: {zscore: {}, rescale: {percentile_rescale: [1, 99]}}}   # cached before the trials
 
 and a training space adds ``resources``, ``scheduler`` and ``failure``. Each section is a frozen
 dataclass read with :func:`bratstune.config_utils.from_dict` (unknown keys get the nearest name)
@@ -102,17 +103,33 @@ class FailureSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """How the cohort is split and preprocessed before the search (once, shared by all trials)."""
+    """How the cohort is split and preprocessed before the search (once, shared by all trials).
+
+    ``variants``: named preprocessing variants (name -> ``PreprocessConfig`` keys merged over
+    ``preprocess``), each cached before the first trial; a trial trains on the one its
+    ``data.variant`` names (searchable: ``data.variant: {distribution: categorical, choices: [...]}``).
+    """
 
     val_fraction: float = 0.25
     split_seed: int = 0
     preprocess: dict[str, Any] = field(default_factory=dict)
     share: str = "cache"  # "cache" (on-disk memmaps) or "object_store" (ray.put, no shared FS needed)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: expected 0 < value < 1, got {self.val_fraction!r}")
         check_choice(self.share, ("cache", "object_store"), "data.share")
+        for name, overrides in self.variants.items():
+            if not str(name) or not isinstance(overrides, dict):
+                raise ConfigError(
+                    f"data.variants.{name}: expected a mapping of preprocessing keys (e.g. {{normalize: none}}), "
+                    f"got {overrides!r}"
+                )
+        if self.variants and self.share != "cache":
+            raise ConfigError(
+                "data.variants: preprocessing variants are shared through the cache; set data.share: cache"
+            )
 
 
 class HasSearchAlg(Protocol):

@@ -62,6 +62,7 @@ from typing import Any
 import optuna
 
 from bratstune.config_utils import check_choice, from_dict, load_yaml, suggest
+from bratstune.data.preprocess import PreprocessConfig
 from bratstune.errors import ConfigError
 from bratstune.inference.decode import DEFAULT_POSTPROCESS
 from bratstune.models import ARCHITECTURES, architecture_options
@@ -327,6 +328,21 @@ def _check_params(params: Sequence[ParamSpec], base: dict[str, Any], where: str)
                 raise ConfigError(f"{where}.params.{p.name} = {value!r}: {exc}") from None
 
 
+def _check_variants(spec: SearchSpec, base: TrainConfig, where: str) -> None:
+    """``data.variants`` are valid preprocessing configs; ``data.variant`` (base or searched) names one."""
+    common = {**dict(base.data.preprocess), **dict(spec.data.preprocess)}
+    for name, overrides in spec.data.variants.items():
+        from_dict(PreprocessConfig, {**common, **overrides}, where=f"{where}.data.variants.{name}")
+    names = sorted(spec.data.variants)
+    if base.data.variant is not None and base.data.variant not in names:
+        raise ConfigError(f"{where}.base.data.variant: {base.data.variant!r} is not one of data.variants {names}")
+    for param in spec.params:
+        if param.name == "data.variant":
+            for value in param.probe_values():
+                if value not in names:
+                    raise ConfigError(f"{where}.params.data.variant: {value!r} is not one of data.variants {names}")
+
+
 def _check_top(raw: Mapping[str, Any], where: str) -> None:
     """``kind: train`` (the default), known top-level keys, ``metric`` and ``params`` present."""
     kind = check_choice(str(raw.get("kind", "train")), KINDS, "kind")
@@ -445,6 +461,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: Path | None = None, where: str
         source=source,
         raw=dict(raw),
     )
+    _check_variants(spec, base_cfg, where)
     if spec.scheduler.max_t is not None and spec.scheduler.max_t > base_cfg.epochs:
         raise ConfigError(
             f"{where}.scheduler.max_t ({spec.scheduler.max_t}) exceeds base epochs ({base_cfg.epochs}); "

@@ -85,7 +85,9 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _open_run(client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any], train_config: TrainConfig) -> str:
+def _open_run(
+    client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any], train_config: TrainConfig, data: DataHandle
+) -> str:
     """The trial's child run: found again by its ``ray_trial_id`` tag, else created with its params."""
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -97,12 +99,11 @@ def _open_run(client: MlflowClient, ctx: TrialContext, config: Mapping[str, Any]
         client.set_tag(run_id, NODE_TAG, node)
         return run_id
     extra = {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id, "search": ctx.search_name, NODE_TAG: node}
-    tags = run_tags(data_fingerprint=ctx.data.fingerprint, extra=extra)
+    tags = run_tags(data_fingerprint=data.fingerprint, extra=extra)
     run_id = client.create_run(ctx.experiment_id, run_name=context.get_trial_name(), tags=tags).info.run_id
     log_config(train_config, run_id=run_id)
     for key, value in config.items():
         client.log_param(run_id, f"search.{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-    data = ctx.data
     log_cohort_input(
         run_id,
         name=Path(data.root).name,
@@ -182,11 +183,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     or restored, so a trial keeps one run across attempts.
     """
     train_config = load_train_config(apply_values(ctx.base, config))
+    # the cached preprocessing variant it names (recorded in its config), label dust in its fingerprint
+    handle, train_config = ctx.data.for_trial(train_config)
     if train_config.num_threads is None:
         train_config = replace(train_config, num_threads=max(1, int(ctx.cpus)))
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = MlflowClient(ctx.tracking_uri)
-    run_id = _open_run(client, ctx, config, train_config)
+    run_id = _open_run(client, ctx, config, train_config, handle)
 
     trial_id = tune.get_context().get_trial_id()
     workdir = _scratch_dir()
@@ -198,7 +201,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     train_config = _at_the_edge(train_config, workdir, ctx.tracking_uri)
     reporter = _tune_reporter(ctx.metric, MlflowReporter(run_id=run_id, artifact_path="best_model"))
     train = ctx.fit_fn or fit
-    data = ctx.data.load()
+    data = handle.load()
     status = "FINISHED"
     try:
         train(train_config, data, reporter, out_dir=workdir / "fit", resume_from=resume_dir)
