@@ -178,9 +178,13 @@ def test_threshold_space_validation():
 def test_demo_variant_is_small_and_uses_asha():
     from bratstune.search.space import demo_variant
 
-    spec = demo_variant(load_search_space(ROOT / "search_spaces" / "losses.yaml"))
+    space = load_search_space(ROOT / "search_spaces" / "losses.yaml")
+    spec = demo_variant(space)
     assert spec.num_samples == 6 and spec.scheduler.type == "asha" and spec.max_t == 4
     assert spec.base_config().epochs == 4 and spec.resources.gpu == 0
+    # the demo searches the network `bratstune train` trains, not the smoke-sized one
+    assert spec.base_config().model == space.base_config().model
+    assert spec.base_config().data.patch_size == space.base_config().data.patch_size
 
 
 # -- expressions: bounded cost ------------------------------------------------------------------

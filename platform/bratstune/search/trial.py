@@ -125,9 +125,13 @@ def _tune_reporter(metric: str | tuple[str, ...], mlflow_reporter: MlflowReporte
         # The objective first: MLflow's compare view plots the first metric a run logged.
         first = {name: epoch.metrics[name] for name in objectives if name in epoch.metrics}
         mlflow_reporter(replace(epoch, metrics={**first, **epoch.metrics}))  # before tune.report: it may stop the trial
-        metrics = _finite(epoch.metrics)
-        for name in (metric,) if isinstance(metric, str) else metric:  # every objective, even if not finite
-            metrics.setdefault(name, float("nan"))
+        finite = _finite(epoch.metrics)
+        # Tune's console table shows the first four metrics of a result: the objectives (every one,
+        # even if not finite), then voxel Dice and the loss, so the search's progress is readable.
+        leading = (*objectives, "val/dice_mean", "train/loss")
+        metrics = {name: finite.get(name, float("nan")) for name in objectives}
+        metrics.update((name, finite[name]) for name in leading if name in finite)
+        metrics.update(finite)
         if epoch.checkpoint_dir is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
         else:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,12 +267,17 @@ def demo_search(
     *,
     num_samples: int = 6,
     epochs: int = 4,
+    steps_per_epoch: int = 40,
+    base: Mapping[str, Any] | None = None,
     storage_path: str | Path | None = None,
     verbose: int = 0,
 ) -> SearchOutcome:
     """The ``make demo`` loss search: ``num_samples`` small CPU trials with ASHA on ``data``.
 
+    ``base`` overrides the trials' training config (:func:`~bratstune.search.space.demo_variant`).
     Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``).
     """
-    spec = demo_variant(load_search_space(space), num_samples=num_samples, epochs=epochs)
+    spec = demo_variant(
+        load_search_space(space), num_samples=num_samples, epochs=epochs, steps_per_epoch=steps_per_epoch, base=base
+    )
     return run_search(spec, prepare_data(spec, data), storage_path=storage_path, verbose=verbose)

@@ -54,6 +54,8 @@ from bratstune.search.crossval.folds import FoldPlan, plan_folds
 from bratstune.search.crossval.packaging import DEFAULT_METRIC, build_ensemble, case_record, register
 from bratstune.search.crossval.parent_run import log_case_records, log_decode_tuning, log_fold_metrics, start_cv_run
 from bratstune.search.crossval.spec import CrossValSpec, training_config
+from bratstune.search.params import deep_merge
+from bratstune.search.sections import ResourceSpec
 from bratstune.search.thresholds import settings_mapping
 from bratstune.tracking import runs as tracking
 from bratstune.training.config import TrainConfig, load_train_config
@@ -313,6 +315,8 @@ def demo_cross_validate(
     verbose: int = 0,
     selection: str = "fixed",
     gate_fraction: float = 0.2,
+    overrides: Mapping[str, Any] | None = None,
+    cpus_per_fold: float = 2.0,
 ) -> CVOutcome:
     """The ``make demo`` cross-validation after the loss search: ``folds`` small CPU folds of ``config``.
 
@@ -321,8 +325,13 @@ def demo_cross_validate(
     as ``register`` (skipped when ``None``). Each fold trains ``epochs`` epochs and keeps the last
     weights (``selection: fixed``) unless told otherwise; ``gate_fraction`` of the cohort is kept
     out for the promotion gate, which scores without test-time views (the same for both models).
+    The ensemble is packaged without test-time flips either: eight views would make the demo's
+    batch prediction eight times slower on two cores (a full run keeps the flips). ``overrides``
+    change the training config further (the demo's patch size); each fold gets
+    ``cpus_per_fold`` CPUs (and as many torch threads): on two cores, folds one after another
+    with two threads each finish sooner than two at a time with one thread and a third alone.
     """
-    plain = load_train_config(config).to_dict()
+    plain = deep_merge(load_train_config(config).to_dict(), overrides or {})
     plain["steps_per_epoch"] = int(steps)
     plain["data"] = {**plain["data"], "num_workers": 0}
     plain["validation"] = {**plain["validation"], "every_n_epochs": max(1, int(epochs))}  # validate at the end only
@@ -338,5 +347,7 @@ def demo_cross_validate(
         selection=selection,
         gate_fraction=gate_fraction,
         gate=GateSpec(tta=False),
+        inference={"flips": False, "overlap": 0.25},
+        resources=ResourceSpec(cpu=cpus_per_fold),
     )
     return cross_validate(plain, Path(cohort), spec, verbose=verbose)

@@ -76,12 +76,12 @@ DEFAULT_THRESHOLD_SPACE: dict[str, Any] = {
     "num_samples": 100,
     "search": {"algorithm": "tpe", "seed": 0, "n_startup_trials": 20},
     "params": {
-        "thresholds.WT": {"distribution": "uniform", "low": 0.2, "high": 0.8},
-        "thresholds.TC": {"distribution": "uniform", "low": 0.2, "high": 0.8},
-        "thresholds.ET": {"distribution": "uniform", "low": 0.2, "high": 0.8},
-        "min_size.WT": {"distribution": "int", "low": 0, "high": 200, "step": 10},
-        "min_size.TC": {"distribution": "int", "low": 0, "high": 200, "step": 10},
-        "min_size.ET": {"distribution": "int", "low": 0, "high": 100, "step": 5},
+        "thresholds.WT": {"distribution": "uniform", "low": 0.2, "high": 0.9},
+        "thresholds.TC": {"distribution": "uniform", "low": 0.2, "high": 0.9},
+        "thresholds.ET": {"distribution": "uniform", "low": 0.2, "high": 0.9},
+        "min_size.WT": {"distribution": "logint", "low": 1, "high": 4000},
+        "min_size.TC": {"distribution": "logint", "low": 1, "high": 2000},
+        "min_size.ET": {"distribution": "logint", "low": 1, "high": 500},
         "fill_holes": {"distribution": "categorical", "choices": [False, True]},
     },
 }
