@@ -200,6 +200,24 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> list[dict]:
     return rows
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Per seed and arm: lesion-wise Dice and HD95 per region and their mean (Markdown)."""
+    index = {(r["seed"], r["arm"], r["metric"]): r for r in rows}
+    head = ["seed", "arm"] + [f"Dice {r}" for r in REGIONS] + [f"HD95 {r}" for r in REGIONS]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for seed in sorted({r["seed"] for r in rows}):
+        for arm in ARMS:
+            cells = [str(seed), arm]
+            for metric in METRICS:
+                for region in REGIONS:
+                    r = index.get((seed, arm, f"{metric}_{region}"))
+                    cells.append(
+                        "-" if r is None else (f"{r['mean']:.3f}" if metric == "dice_lesion" else f"{r['mean']:.1f}")
+                    )
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "pipeline_value.csv"
@@ -260,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 mlflow.log_metric(f"seed{r['seed']}/{r['arm']}/dice_lesion_mean", r["mean"])
         mlflow.log_artifact(str(table))
         mlflow.log_artifact(str(plot))
+    print("\n" + markdown_table(rows))
     print("\nlesion-wise Dice (mean of WT/TC/ET) on the test cohort, 95 % bootstrap intervals over cases:")
     for r in rows:
         if r["metric"] == "dice_lesion_mean":

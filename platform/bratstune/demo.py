@@ -23,6 +23,7 @@ from bratstune import paths
 from bratstune.cli import main as cli
 from bratstune.data.synthetic import generate_cohort
 from bratstune.inference.decode import DEFAULT_POSTPROCESS
+from bratstune.predict.report import add_reference_scores
 from bratstune.search import crossval
 from bratstune.search import tune as search
 from bratstune.search.data import synthetic_cohort
@@ -247,6 +248,7 @@ def run_demo(
             ]
         )
         summary = json.loads(reference.read_text()).get("summary", {})
+        add_reference_scores(out / "report.html", summary, source=f"the synthetic labels of {inbox.name}")
         scores.add("8. champion on the new cohort", _mean_of(summary, "lesionwise_dice"))
         print(f"lesion-wise HD95 mean on the new cohort: {_mean_of(summary, 'lesionwise_hd95'):.1f} mm")
     scores.print()

@@ -7,7 +7,9 @@
 * :func:`save_summary_plot`: cohort summary (region volumes and lesion counts per region, one point
   per case, drift- or plausibility-flagged cases in red);
 * :func:`write_report`: ``report.html`` (cohort counts, cohort-level flags, summary plot, failures,
-  one row and one card per case with its drift and plausibility flags).
+  one row and one card per case with its drift and plausibility flags);
+* :func:`add_reference_scores`: when reference labels exist for the cohort (a synthetic cohort, a
+  labelled audit set), the scores they give go into the same report, never into the predictor.
 
 Matplotlib is used through its object API with the Agg canvas (no global backend change).
 """
@@ -28,7 +30,7 @@ from bratstune.inference.outputs import label_values, labels_to_classes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_summary_plot", "save_thumbnail", "write_report"]
+__all__ = ["add_reference_scores", "save_summary_plot", "save_thumbnail", "write_report"]
 
 PALETTE = ("#e41a1c", "#4daf4a", "#377eb8", "#ff7f00", "#984ea3", "#ffff33")
 
@@ -259,5 +261,49 @@ def write_report(
     parts.append("</div></body></html>")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+_SCORES_START, _SCORES_END = "<!-- reference-scores -->", "<!-- /reference-scores -->"
+_SCORE_COLUMNS = (
+    ("lesionwise_dice", "lesion-wise Dice"),
+    ("lesionwise_hd95", "lesion-wise HD95 (mm)"),
+    ("legacy_dice", "Dice"),
+    ("num_tp", "TP lesions"),
+    ("num_fp", "FP lesions"),
+    ("num_fn", "FN lesions"),
+)
+
+
+def add_reference_scores(path: Path, summary: Mapping[str, Mapping[str, float]], *, source: str) -> Path:
+    """Put the cohort's scores against reference labels into ``report.html`` (replacing earlier ones).
+
+    Args:
+        path: the ``report.html`` of a batch prediction.
+        summary: region -> metric -> mean over cases (``bratstune evaluate --json``'s ``summary``).
+        source: what the scores were computed against (shown in the report).
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if _SCORES_START in text:
+        head, rest = text.split(_SCORES_START, 1)
+        text = head + rest.split(_SCORES_END, 1)[1]
+    rows = "".join(
+        f"<tr><td>{html.escape(region)}</td>"
+        + "".join(f"<td>{_cell(metrics.get(key, '-'))}</td>" for key, _ in _SCORE_COLUMNS)
+        + "</tr>"
+        for region, metrics in summary.items()
+    )
+    section = (
+        f"{_SCORES_START}<h2>Scores against reference labels</h2><p>{html.escape(source)}; used for this "
+        "report only, never by the predictor. Means over cases (brats2023 lesion-wise rules).</p>"
+        "<table><tr><th>region</th>" + "".join(f"<th>{label}</th>" for _, label in _SCORE_COLUMNS) + "</tr>"
+        f"{rows}</table>{_SCORES_END}"
+    )
+    anchor = text.find("<h2>Cases")
+    text = text[:anchor] + section + text[anchor:] if anchor >= 0 else text.replace("</body>", section + "</body>")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
