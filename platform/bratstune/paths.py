@@ -13,6 +13,8 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from bratstune.errors import DataError
+
 
 def home() -> Path:
     """The platform's working folder (absolute)."""
@@ -39,6 +41,27 @@ def results_dir() -> Path:
 # -- endpoints of `bratstune up` (a local Ray head and MLflow server) --------------------------------
 
 ENDPOINTS_FILE = "endpoints.json"
+
+
+def output_folder(path: str | Path, *, option: str = "--out") -> Path:
+    """``path`` as an output folder (created); a DataError naming it when it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(path, f"{option}: exists and is not a folder; give a folder (new or earlier output)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:  # a parent is a file
+        raise DataError(path, f"{option}: cannot create the folder ({exc.strerror})") from None
+    return path
+
+
+def output_file(path: str | Path, *, option: str) -> Path:
+    """``path`` as an output file (its folder created); a DataError naming it when it is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, f"{option}: is a folder; give a file name")
+    output_folder(path.parent, option=option)
+    return path
 
 
 def endpoints_file() -> Path:

@@ -163,7 +163,7 @@ def test_affine_within_tolerance_is_accepted(tmp_path):
     folder = good_case(tmp_path)
     nudged = np.eye(4)
     nudged[0, 3] = 4e-4
-    write(folder / "BraTS-GLI-00000-000-t1c.nii.gz", np.zeros(SHAPE, np.float32), nudged)
+    write(folder / "BraTS-GLI-00000-000-t1c.nii.gz", np.ones(SHAPE, np.float32), nudged)
     assert load_case(only_case(tmp_path)).image.shape == (4, *SHAPE)
 
 

@@ -61,6 +61,7 @@ def write_case(
 def write_msd(root: Path, ids=("BRATS_001", "BRATS_002"), test_ids=("BRATS_101",)) -> None:
     # MSD channel order: FLAIR, T1w, t1gd, T2w -> constants 0, 1, 2, 3
     image = np.stack([np.full(SHAPE, float(c), dtype=np.float32) for c in range(4)], axis=-1)
+    image[-1, -1, -1] = 9.0  # no channel is blank (an all-zero modality is refused)
     for cid in ids:
         write(root / "imagesTr" / f"{cid}.nii.gz", image)
         write(root / "labelsTr" / f"{cid}.nii.gz", seg_volume())

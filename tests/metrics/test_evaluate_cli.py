@@ -14,8 +14,9 @@ from bratstune.commands import evaluate as evaluate_cmd
 from bratstune.metrics import PROTOCOLS
 
 
-def _save(path, array, spacing=(1.0, 1.0, 1.0)):
-    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag(list(spacing) + [1.0])), str(path))
+def _save(path, array, spacing=(1.0, 1.0, 1.0), affine=None):
+    affine = np.diag(list(spacing) + [1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), affine), str(path))
 
 
 def _tumour(shape=(32, 32, 24)):
@@ -109,7 +110,7 @@ def test_synthetic_cohort_with_and_without_postprocessing(tmp_path, capsys):
     for case in discover(cohort_dir).cases:
         img = nib.load(str(case.label))
         gt = np.asarray(img.dataobj).astype(np.uint8)
-        _save(preds / f"{case.case_id}.nii.gz", _noisy(gt, rng, dust=15), img.header.get_zooms()[:3])
+        _save(preds / f"{case.case_id}.nii.gz", _noisy(gt, rng, dust=15), affine=img.affine)  # the GT's grid
     out = tmp_path / "report"
     rc = cli.main(
         [

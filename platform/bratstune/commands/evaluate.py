@@ -10,13 +10,15 @@ import re
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
+from bratstune import paths
 from bratstune.data.layout import discover
-from bratstune.data.nifti import is_nifti, nifti_stem, read_volume
+from bratstune.data.nifti import AFFINE_TOLERANCE, is_nifti, nifti_stem, read_volume
 from bratstune.errors import ConfigError, DataError
 from bratstune.inference.postprocess import PostprocessConfig, postprocess
-from bratstune.labels import scheme_for
+from bratstune.labels import check_labels, scheme_for
 from bratstune.metrics import lesion_wise
 
 PROTOCOLS = ("brats2023", "brats2026")  # = bratstune.metrics.PROTOCOLS (checked by a test)
@@ -71,10 +73,14 @@ def _case_key(path: Path) -> str:
 def _gt_files(root: Path) -> dict[str, Path]:
     """case id → label file, from a BraTS cohort folder or a flat folder of label files."""
     try:
-        cohort = discover(root, strict=False)
+        cohort = discover(root, strict=False, modalities=())  # only the labels are needed
         found = {c.case_id: c.label for c in cohort.cases if c.label is not None}
     except DataError:
         found = {}
+    if found:
+        case_problems = [p for p in cohort.problems if p.path != root]
+        if case_problems:  # e.g. a duplicate or misnamed case: never scored silently without it
+            raise case_problems[0]
     if found:
         return found
     return {_case_key(p): p for p in sorted(root.rglob("*")) if p.is_file() and is_nifti(p)}
@@ -152,11 +158,15 @@ def _fmt(value) -> str:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.out:  # refused before any metric is computed
+        paths.output_folder(args.out)
+    if args.json:
+        paths.output_file(args.json, option="--json")
     pairs = _pairs(Path(args.pred), Path(args.gt))
     post = None
+    scheme = scheme_for(args.challenge, 2023 if args.protocol == "brats2023" else 2025)
     if args.postprocess is not None:
         config = PostprocessConfig.from_mapping(_parse_spec(args.postprocess))
-        scheme = scheme_for(args.challenge, 2023 if args.protocol == "brats2023" else 2025)
         post = (lambda labels: postprocess(labels, scheme, config), config)
 
     variants = ["raw"] + (["postprocessed"] if post else [])
@@ -168,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(pred_path, f"shape {pred.shape} differs from the ground truth {gt_path.name} {gt.shape}")
         if not np.allclose(spacing, gt_spacing, atol=1e-3):
             raise DataError(pred_path, f"voxel spacing {spacing} differs from the ground truth's {gt_spacing}")
+        if not np.allclose(affine, gt_affine, atol=AFFINE_TOLERANCE):
+            raise DataError(
+                pred_path,
+                f"affine ({''.join(nib.aff2axcodes(affine))}) differs from the ground truth {gt_path.name}'s "
+                f"({''.join(nib.aff2axcodes(gt_affine))}) by up to {np.abs(affine - gt_affine).max():.3g} mm; "
+                "write the prediction on the ground truth's grid",
+            )
+        check_labels(gt, scheme, source=gt_path)
+        check_labels(pred, scheme, source=pred_path)
         try:
             results["raw"][case_id] = lesion_wise(
                 pred, gt, args.challenge, args.protocol, gt_spacing, penalised=args.penalised

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError(f"--workers: expected >= 1, got {args.workers}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        paths.output_folder(args.out)  # refused before the cohort is prepared
     config = resolve_config(load_train_config(_raw_config(args)))
     prepared = prepare_cohort(args.data, preprocess_config(config.data.preprocess), workers=args.workers)
     if config.challenge is None:
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         seed=config.seed,
     )
     cases = CaseRecord(trained=[c.case_id for c in data.train], selected=[c.case_id for c in data.val])
-    out = (args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute()
+    out = paths.output_folder((args.out or paths.results_dir() / time.strftime("train-%Y%m%d-%H%M%S")).absolute())
     print(f"{len(data.train)} training / {len(data.val)} validation cases, scheme {prepared.scheme.name}, output {out}")
 
     # the cases and their preprocessing, and the training-label dust removal when it is on

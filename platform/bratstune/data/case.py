@@ -136,6 +136,13 @@ def _image_channels(case: Case, arr: np.ndarray, path: Path) -> dict[str, np.nda
     return {mod: arr[..., idx] for mod, idx in (case.channel or {}).items()}
 
 
+def _check_not_blank(case: Case, volumes: dict[str, np.ndarray]) -> None:
+    """A modality whose every voxel is 0 is a failed export, not an image."""
+    for mod, arr in volumes.items():
+        if arr.size and not np.any(arr):
+            raise DataError(case.images[mod], f"every voxel of {mod} is 0 (a blank image); re-export it")
+
+
 def load_case(case: Case, *, scheme: LabelScheme | str | None = None) -> CaseData:
     """Load and validate one case.
 
@@ -148,8 +155,8 @@ def load_case(case: Case, *, scheme: LabelScheme | str | None = None) -> CaseDat
 
     Raises:
         DataError: naming the file: missing or corrupt file (bad gzip, truncated), 4-D volume where 3-D
-            is expected, shape or affine differing between modalities / label, NaN/Inf voxels, non-integer
-            or unknown label values.
+            is expected, shape or affine differing between modalities / label, NaN/Inf voxels, a blank
+            (all-zero) modality, non-integer or unknown label values.
     """
     msd = case.channel is not None
     volumes: dict[str, np.ndarray] = {}
@@ -170,6 +177,7 @@ def load_case(case: Case, *, scheme: LabelScheme | str | None = None) -> CaseDat
             volumes.update({mod: arr for mod, p in case.images.items() if p == path})
     if ref is None:
         raise DataError(None, f"case '{case.case_id}' has no image files")
+    _check_not_blank(case, volumes)
     # case.images is in MODALITIES order (t1n, t1c, t2w, t2f)
     image = np.stack([volumes[mod] for mod in case.images]).astype(np.float32, copy=False)
     label = None
@@ -218,7 +226,13 @@ def validate_case(case: Case, *, scheme: LabelScheme | str | None = None, read_v
         elif attempt(lambda: check_same_grid(info, ref)) is failed:
             continue
         if read_voxels:
-            attempt(lambda: read_volume(path, channels=msd))
+            loaded = attempt(lambda: read_volume(path, channels=msd))
+            if loaded is not failed:
+                arr = loaded[0]
+                mods = (
+                    _image_channels(case, arr, path) if msd else {m: arr for m, p in case.images.items() if p == path}
+                )
+                attempt(lambda: _check_not_blank(case, mods))
     if case.label is not None:
         label_path = case.label
         info = attempt(lambda: read_info(label_path))

@@ -30,6 +30,7 @@ from bratstune.data.preprocess import PreprocessConfig, replace_config
 from bratstune.data.resample import median_spacing, reoriented_spacing
 from bratstune.data.sampling import stratified_folds, tumour_volume
 from bratstune.errors import ConfigError, DataError
+from bratstune.labels import check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def prepare_cohort(
     (:func:`resolve_preprocess`); ``PreparedCohort.preprocess`` holds the resolved config.
 
     Raises:
-        DataError: no labelled case, or cases whose naming implies different label schemes.
+        DataError: no labelled case, cases whose naming implies different label schemes, or label
+            values outside the scheme (naming the label file).
     """
 
     cohort = discover(root)
@@ -135,10 +137,13 @@ def prepare_cohort(
     challenges = sorted({c.challenge for c in labelled if c.challenge})
     preprocess = resolve_preprocess(preprocess, labelled)
     cases = CaseCache(cache_root).prepare(labelled, preprocess, workers=workers)
+    scheme = next(iter(schemes.values()))
+    for case, prepared in zip(labelled, cases):  # a value outside the scheme would train as background
+        check_labels(prepared.label, scheme, source=case.label)
     return PreparedCohort(
         root=Path(root),
         cases=cases,
-        scheme=next(iter(schemes.values())),
+        scheme=scheme,
         challenge=challenges[0] if len(challenges) == 1 else None,
         fingerprint=data_fingerprint([c.case_id for c in cases], preprocess),
         preprocess=preprocess,

@@ -121,6 +121,8 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
     "brats2020": re.compile(r"^(?P<case>BraTS(?:17|18|19|20)_.+?)_(?P<mod>t1|t1ce|t2|flair|seg)$", re.IGNORECASE),
     "msd": re.compile(r"^(?P<case>[A-Za-z0-9]+_\d+)$"),
 }
+# a BraTS 2023+ name whose case id breaks the pattern (spaces, non-ASCII, "..")
+_NEAR_BRATS2023 = re.compile(r"^(?P<case>BraTS-.+?)[-_](?P<mod>t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
 _EXAMPLES = {
     "brats2023": "BraTS-GLI-00000-000-t1n.nii.gz",
     "brats2021": "BraTS2021_00000_t1.nii.gz",
@@ -165,12 +167,39 @@ def _match(path: Path) -> tuple[str, _Match] | None:
     return None
 
 
-def _nifti_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+def _nifti_files(root: Path, problems: list[DataError]) -> Iterator[Path]:
+    """NIfTI files under ``root``, following symbolic links to folders (a cohort of linked case
+    folders is common) but never one that leads back to a folder already searched: such a link
+    (a loop, or a second way to the same folder) is added to ``problems`` and not followed."""
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX"):
+            folder = Path(dirpath) / name
+            real = os.path.realpath(folder)
+            if real in seen:
+                inside = os.path.realpath(dirpath) == real or os.path.realpath(dirpath).startswith(real + os.sep)
+                what = "symbolic link loop" if inside else "symbolic link to a folder already searched"
+                problems.append(DataError(folder, f"{what} (points to {real}); not followed, remove the link"))
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if is_nifti(name) and not name.startswith("."):
                 yield Path(dirpath) / name
+
+
+def _near_miss(path: Path) -> DataError | None:
+    """A BraTS 2023+ file name whose case id has characters the convention does not allow."""
+    m = _NEAR_BRATS2023.match(nifti_stem(path))
+    if m is None:
+        return None
+    return DataError(
+        path,
+        f"case '{m['case']}': not a valid BraTS 2023+ case id (BraTS-<challenge>-<number>-<number>: ASCII "
+        "letters, digits and '-' only); rename the files of this case",
+    )
 
 
 def _msd_channels(root: Path, image_dirs: set[Path]) -> dict[str, int]:
@@ -228,14 +257,18 @@ def discover(
 
     found: dict[str, list[_Match]] = defaultdict(list)
     ignored: list[Path] = []
+    walk_problems: list[DataError] = []
+    misnamed: dict[str, DataError] = {}
     n_files = 0
-    for path in _nifti_files(root):
+    for path in _nifti_files(root, walk_problems):
         n_files += 1
         hit = _match(path)
-        if hit is None:
-            ignored.append(path)
-        else:
+        if hit is not None:
             found[hit[0]].append(hit[1])
+        elif (near := _near_miss(path)) is not None:
+            misnamed.setdefault(str(near.problem), near)
+        else:
+            ignored.append(path)
 
     def fail(problem: DataError, conv: str = "unknown") -> Cohort:
         if strict:
@@ -246,9 +279,11 @@ def discover(
         anything = any(True for _ in root.iterdir())
         what = "no .nii or .nii.gz files found" if anything else "empty folder"
         return fail(DataError(root, f"{what}; expected BraTS or MSD Task01 images such as {_EXAMPLES['brats2023']}"))
-    problems: list[DataError] = []
+    problems: list[DataError] = [*walk_problems, *misnamed.values()]
     if convention is None:
         present = sorted(found, key=lambda c: -len(found[c]))
+        if not present and problems:
+            return fail(problems[0])
         if not present:
             examples = ", ".join(p.name for p in ignored[:3])
             return fail(

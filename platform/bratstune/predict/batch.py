@@ -48,6 +48,7 @@ from typing import Any
 import mlflow
 from tqdm.auto import tqdm
 
+from bratstune import paths
 from bratstune.data.layout import discover
 from bratstune.ensemble.package import Ensemble
 from bratstune.ensemble.registry import LoadedEnsemble, load_ensemble
@@ -272,14 +273,16 @@ def predict_cohort(
         raise ConfigError(f"workers: expected >= 1, got {workers}")
     rules = PlausibilityRules.from_mapping(plausibility)
     start = time.perf_counter()
-    out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.output_folder(Path(out).absolute())
     with contextlib.ExitStack() as stack:
         work = _work_dir(out, stack)  # a models:/ download is kept there for the Ray actors until the batch ends
         loaded = model if isinstance(model, LoadedEnsemble) else load_ensemble(model, dst=work / "model")
         ens = loaded.ensemble
         batch = _Batch(BatchSummary(Path(cohort), out, loaded.label), loaded, Ledger(out))
         found = discover(cohort, strict=False, modalities=ens.modalities)
+        unusable = [p for p in found.problems if p.path == Path(cohort)]
+        if unusable and not found.cases:  # empty folder, nothing recognisable: bad input, not a failed case
+            raise unusable[0]
         todo = batch.plan(found, force=force, settle_s=settle_s)
         logger.info(
             "%s: %d case(s), %d to predict with %s (%s)",

@@ -14,6 +14,7 @@ returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -110,7 +111,7 @@ class CasePredictor:
     def _predict(self, case: Any) -> Row:
         ens = self.ensemble
         t0 = time.perf_counter()
-        data = load_case(case)
+        data = load_case(dataclasses.replace(case, label=None))  # prediction never reads a label
         t1 = time.perf_counter()
         seg = ens.segment(data, device=self.device)
         t2 = time.perf_counter()
