@@ -54,6 +54,7 @@ scheduler (ASHA stops trials on one metric), and a Pareto front on the parent ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -380,7 +381,15 @@ def _check_top(raw: Mapping[str, Any], where: str) -> None:
 
 
 def _positive(raw: Mapping[str, Any], key: str, default: int, where: str) -> int:
-    value = int(raw.get(key, default))
+    given = raw.get(key, default)
+    if (
+        isinstance(given, bool)
+        or not isinstance(given, (int, float))
+        or not math.isfinite(given)
+        or given != int(given)
+    ):
+        raise ConfigError(f"{where}.{key}: expected a whole number >= 1, got {given!r}")
+    value = int(given)
     if value < 1:
         raise ConfigError(f"{where}.{key}: expected >= 1, got {value}")
     return value
