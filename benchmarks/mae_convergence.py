@@ -1,4 +1,4 @@
-"""Does MAE pre-training speed up UNETR fine-tuning? And how does pre-training scale with workers?
+"""Does MAE pre-training speed up UNETR / TransUNet fine-tuning? And how does pre-training scale with workers?
 
 1. Synthetic data (procedural anatomy, 2 mm-like 64x64x48 volumes): a small *labelled* GLI
    cohort for fine-tuning (train + validation cases) and separate *unlabelled* cohorts of three
@@ -7,14 +7,18 @@
 2. MAE pre-training with ``bratstune.pretrain.run.run_mae`` on Ray Train: ``--workers`` (default 2)
    gloo workers for ``--mae-epochs``; the encoder is registered in a throw-away MLflow store.
    A short second run with 1 worker measures single-worker throughput (epochs after the first).
-3. Fine-tuning ``unetr`` with ``bratstune.training.fit.fit`` twice with the same budget, seed and data:
+3. Fine-tuning ``--model`` (``unetr``, or ``transunet_enc``: the 3D-TransUNet encoder-only
+   variant, whose ViT blocks take the MAE's; its patch embedding is its own) with
+   ``bratstune.training.fit.fit`` with the same budget and data, for every seed of ``--seeds``:
    from scratch, and with ``init.encoder_from: models:/bratstune-mae-encoder@latest``.
    Validation (sliding window, legacy Dice) after every epoch.
 
-Printed: the validation Dice curve of both runs, the first epoch reaching ``--target`` Dice,
-the final and best Dice, and pre-training throughput (samples/s) with 1 vs N workers.
+Printed: the validation Dice curve of every run, the steps to reach ``--target`` Dice (first
+validated epoch x steps per epoch), the final and best Dice, and pre-training throughput
+(samples/s) with 1 vs N workers (``--throughput-epochs 0`` skips that run).
 
     python benchmarks/mae_convergence.py                      # about 10 minutes on 2 busy cores
+    python benchmarks/mae_convergence.py --model transunet_enc --seeds 0 1 --throughput-epochs 0
     python benchmarks/mae_convergence.py --mae-epochs 60 --ft-epochs 15 --cases 16
 """
 
@@ -47,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mae-epochs", type=int, default=20)
     parser.add_argument("--mae-steps", type=int, default=10, help="MAE steps per epoch")
     parser.add_argument("--mae-batch", type=int, default=4, help="MAE crops per worker per step")
-    parser.add_argument("--throughput-epochs", type=int, default=3, help="epochs of the 1-worker throughput run")
+    parser.add_argument("--throughput-epochs", type=int, default=3, help="epochs of the 1-worker run (0: skip)")
+    parser.add_argument("--model", choices=("unetr", "transunet_enc"), default="unetr", help="network fine-tuned")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (each: scratch + MAE)")
     parser.add_argument("--ft-epochs", type=int, default=6)
     parser.add_argument("--ft-steps", type=int, default=12, help="fine-tuning steps per epoch")
     parser.add_argument("--target", type=float, default=0.5, help="validation Dice (mean of WT/TC/ET) to reach")
@@ -108,6 +114,8 @@ def pretrain(args: argparse.Namespace, folders: list[Path], storage: Path, exper
         experiment_id=experiment_id,
     )
     main_s = time.perf_counter() - t0
+    if args.throughput_epochs < 1:
+        return main, main_s, None
     short = dict(config, epochs=args.throughput_epochs)
     single = run_mae(
         short, folders, workers=1, storage_path=storage, name="mae-1w", experiment_id=experiment_id, register_as=None
@@ -120,15 +128,23 @@ def throughput(history: list[dict]) -> float:
     return sum(r["throughput/samples_per_s"] for r in rows) / len(rows)
 
 
-def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path):
+def model_section(name: str) -> dict:
+    """The fine-tuned network; its ViT is the MAE encoder's (12 layers, ``VIT``)."""
+    if name == "transunet_enc":
+        kwargs = {"filters": [8, 16, 32, 64], "num_layers": 12, "deep_supervision": True, "deep_supr_num": 2}
+        return {"name": "transunet_enc", "kwargs": {**kwargs, **VIT}}
+    return {"name": "unetr", "kwargs": {"feature_size": 16, **VIT}}
+
+
+def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path, seed: int = 0):
     from bratstune.training.fit import fit
 
     config = {
-        "model": {"name": "unetr", "kwargs": {"feature_size": 16, **VIT}},
+        "model": model_section(args.model),
         "loss": {"weights": {"dice": 1.0, "ce": 1.0}, "mode": "region"},
         "optim": {
             "name": "adamw",
-            "lr": 1.0e-4,
+            "lr": 1.0e-4 if args.model == "unetr" else 3.0e-4,  # the presets' rates
             "weight_decay": 1.0e-5,
             "schedule": "cosine",
             "warmup_fraction": 0.05,
@@ -139,7 +155,7 @@ def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path
         "init": {"encoder_from": encoder_from, "require_complete": encoder_from is not None},
         "epochs": args.ft_epochs,
         "steps_per_epoch": args.ft_steps,
-        "seed": 0,
+        "seed": seed,
         "num_threads": args.threads,
         "challenge": "GLI",
     }
@@ -153,6 +169,11 @@ def first_epoch_reaching(curve: list[float], target: float) -> str:
         if value >= target:
             return str(epoch)
     return f"not in {len(curve)}"
+
+
+def steps_reaching(curve: list[float], target: float, steps: int) -> str:
+    epoch = first_epoch_reaching(curve, target)
+    return str(int(epoch) * steps) if epoch.isdigit() else f">{len(curve) * steps}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         experiment_id = tracking.setup_mlflow("mae-benchmark")
         main_run, main_s, single = pretrain(args, unlabelled, work / "pretrain", experiment_id)
         ray.shutdown()
-        scratch, scratch_s = finetune(args, data, None, work / "ft-scratch")
-        mae, mae_s = finetune(args, data, "models:/bratstune-mae-encoder@latest", work / "ft-mae")
+        runs = []
+        for seed in args.seeds:
+            scratch, scratch_s = finetune(args, data, None, work / f"ft-scratch-{seed}", seed)
+            mae, mae_s = finetune(args, data, "models:/bratstune-mae-encoder@latest", work / f"ft-mae-{seed}", seed)
+            runs += [(f"scratch s{seed}", scratch, scratch_s), (f"MAE s{seed}", mae, mae_s)]
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -208,22 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.workers} workers, effective batch {main_run.effective_batch_size}, lr x{main_run.lr_scale:g}; "
         f"loss {first['train/loss']:.3f} -> {last['train/loss']:.3f} ({main_s:.0f} s incl. Ray start)"
     )
-    one, many = throughput(single.history), throughput(main_run.history)
-    print(
-        f"pre-training throughput: 1 worker {one:.1f} samples/s, {args.workers} workers {many:.1f} samples/s "
-        f"(x{many / one:.2f})"
-    )
-    print(f"\nfine-tuning unetr, {args.ft_epochs} epochs x {args.ft_steps} steps, val Dice (mean WT/TC/ET) per epoch:")
-    print("epoch     " + " ".join(f"{e:>6d}" for e in range(1, args.ft_epochs + 1)))
-    for label, curve in (("scratch", scratch), ("MAE init", mae)):
-        print(f"{label:<10}" + " ".join(f"{v:6.3f}" for v in curve))
-    print(
-        f"\n{'init':<10}{'epochs to Dice ' + format(args.target, '.2f'):>22}{'final Dice':>12}{'best Dice':>11}{'time':>8}"
-    )
-    for label, curve, seconds in (("scratch", scratch, scratch_s), ("MAE init", mae, mae_s)):
+    many = throughput(main_run.history)
+    if single is not None:
+        one = throughput(single.history)
         print(
-            f"{label:<10}{first_epoch_reaching(curve, args.target):>22}{curve[-1]:>12.3f}{max(curve):>11.3f}"
-            f"{seconds:>7.0f}s"
+            f"pre-training throughput: 1 worker {one:.1f} samples/s, {args.workers} workers {many:.1f} samples/s "
+            f"(x{many / one:.2f})"
+        )
+    else:
+        print(f"pre-training throughput: {args.workers} workers {many:.1f} samples/s")
+    print(
+        f"\nfine-tuning {args.model}, {args.ft_epochs} epochs x {args.ft_steps} steps, val Dice (mean WT/TC/ET) "
+        "per epoch:"
+    )
+    print("epoch       " + " ".join(f"{e:>6d}" for e in range(1, args.ft_epochs + 1)))
+    for label, curve, _ in runs:
+        print(f"{label:<12}" + " ".join(f"{v:6.3f}" for v in curve))
+    target = "steps to Dice " + format(args.target, ".2f")
+    print(f"\n{'init':<12}{target:>22}{'final Dice':>12}{'best Dice':>11}{'time':>8}")
+    for label, curve, seconds in runs:
+        print(
+            f"{label:<12}{steps_reaching(curve, args.target, args.ft_steps):>22}{curve[-1]:>12.3f}"
+            f"{max(curve):>11.3f}{seconds:>7.0f}s"
         )
     return 0
 
