@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _bootstrap
 from bratstune import paths
-from bratstune.search.data import synthetic_cohort
+from bratstune.search.data import job_cohort
 from bratstune.search.study import ARMS, StudySpec, run_study, untrained_mae_encoder
 
 
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if mae is None and args.smoke_test:
         mae = str(untrained_mae_encoder(study, out / "smoke-mae-encoder"))
     with _bootstrap.session(experiment=args.experiment, address=args.address, num_cpus=args.num_cpus) as session:
-        data = args.data
-        if data is None:
-            cases = args.synthetic_cases or (6 if args.smoke_test else 16)
-            data = synthetic_cohort(cases=cases, shape=(48, 48, 32) if args.smoke_test else (64, 64, 48))
+        data = job_cohort(args.data, smoke=args.smoke_test, cases=args.synthetic_cases, smoke_cases=6)
         outcome = run_study(
             study,
             data,

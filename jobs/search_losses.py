@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import _bootstrap
-from bratstune.search.data import prepare_data, synthetic_cohort
+from bratstune.search.data import job_cohort, prepare_data
 from bratstune.search.space import load_search_space
 from bratstune.search.tune import run_search
 
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None, *, default_space: Path = DEFAULT_SPACE, 
     if args.num_samples:
         spec = spec.with_changes(num_samples=args.num_samples)
     with _bootstrap.session(experiment=args.experiment, address=args.address, num_cpus=args.num_cpus) as session:
-        data = args.data
-        if data is None:
-            cases = args.synthetic_cases or (8 if args.smoke_test else 16)
-            data = synthetic_cohort(cases=cases, shape=(48, 48, 32) if args.smoke_test else (64, 64, 48))
+        data = job_cohort(args.data, smoke=args.smoke_test, cases=args.synthetic_cases)
         handle = prepare_data(
             spec, data, workers=args.workers, splits=args.splits, fold=args.fold, val_root=args.val_data
         )

@@ -40,7 +40,7 @@ from bratstune.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataHandle", "prepare_data", "synthetic_cohort"]
+__all__ = ["DataHandle", "job_cohort", "prepare_data", "synthetic_cohort"]
 
 
 @dataclass
@@ -232,3 +232,15 @@ def synthetic_cohort(
         )
         marker.write_text("ok\n")
     return folder
+
+
+def job_cohort(data: str | Path | None, *, smoke: bool, cases: int | None = None, smoke_cases: int = 8) -> Path:
+    """The cohort a job runs on: ``data`` when given, else a synthetic GLI cohort.
+
+    The synthetic one has ``cases`` cases (default ``smoke_cases`` for a smoke test, else 16), at
+    48x48x32 voxels for a smoke test and 64x64x48 otherwise.
+    """
+    if data is not None:
+        return Path(data)
+    count = cases or (smoke_cases if smoke else 16)
+    return synthetic_cohort(cases=count, shape=(48, 48, 32) if smoke else (64, 64, 48))
