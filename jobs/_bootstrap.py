@@ -88,6 +88,8 @@ def session(
     """
     # `bratstune up`'s Ray head and MLflow server, where no address is set explicitly.
     paths.use_endpoints()
+    if experiment:  # an unreachable MLflow server: one line in seconds, before Ray starts
+        tracking.check_reachable(tracking.tracking_uri())
     started = False
     if ray:
         # Deferred: importing Ray takes seconds, which jobs without Ray and --help should not pay.

@@ -57,7 +57,7 @@ from bratstune.predict.ledger import Ledger
 from bratstune.predict.plausibility import PlausibilityRules, cohort_flags
 from bratstune.predict.report import save_summary_plot, write_report
 from bratstune.predict.worker import QC_DIR, CasePredictor, one_line, run_local, run_ray
-from bratstune.tracking.runs import setup_mlflow, start_run
+from bratstune.tracking.runs import check_reachable, setup_mlflow, start_run, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ def predict_cohort(
     if workers < 1:
         raise ConfigError(f"workers: expected >= 1, got {workers}")
     rules = PlausibilityRules.from_mapping(plausibility)
+    if experiment:  # an unreachable MLflow server: one line now, not after the whole batch
+        check_reachable(tracking_uri())
     start = time.perf_counter()
     out = paths.output_folder(Path(out).absolute())
     with contextlib.ExitStack() as stack:

@@ -45,6 +45,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from bratstune import paths
 from bratstune.config_utils import to_dict
 from bratstune.device import hardware_summary
+from bratstune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ __all__ = [
     "setup_mlflow",
     "start_run",
     "tracking_uri",
+    "check_reachable",
 ]
 
 DB_FILE = "mlflow.db"
@@ -72,6 +74,8 @@ PARAM_VALUE_LIMIT = 6000
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 #: Port ``mlflow ui`` serves on by default, for the hint printed with a local store.
 UI_PORT = 5000
+#: Seconds the reachability probe of an ``http(s)://`` tracking server waits (MLflow itself retries for minutes).
+PROBE_TIMEOUT_S = 5.0
 
 
 def tracking_uri() -> str:
@@ -102,6 +106,32 @@ def artifact_location(uri: str) -> str | None:
     return (db.resolve().parent / ARTIFACT_DIR).as_uri()
 
 
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`ConfigError` (one line) unless an ``http(s)://`` tracking server answers within ``timeout`` s.
+
+    Any HTTP answer counts (a proxy may refuse ``/health``); only no answer at all fails. Other
+    URIs (SQLite, ``databricks``) are not probed. MLflow's own client retries an unreachable
+    server for about 5 minutes before its traceback: this says so in seconds.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    # Deferred: only server URIs need it.
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):  # noqa: S310 (http(s) only)
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (`bratstune up`) "
+            "or point MLFLOW_TRACKING_URI at a running server (unset it for the local SQLite store)"
+        ) from None
+
+
 def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> str:
     """Point MLflow at the store, create its schema once and return the experiment id.
 
@@ -112,6 +142,7 @@ def setup_mlflow(experiment: str = "bratstune", *, uri: str | None = None) -> st
         uri: tracking URI; default :func:`tracking_uri`.
     """
     uri = uri or tracking_uri()
+    check_reachable(uri)
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
