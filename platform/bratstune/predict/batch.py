@@ -174,7 +174,11 @@ class _Batch:
             "model_label": self.loaded.label,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        if "error" in result:
+        if "error" in result and result.get("retry"):  # e.g. disk full: not the case's fault, re-done next run
+            self.failures[case_id] = result["error"]
+            self.ledger.cases.pop(case_id, None)
+            self.ledger.save()
+        elif "error" in result:
             self.failures[case_id] = result["error"]
             self.ledger.record(case_id, {**entry, "status": "failed", "reason": result["error"]})
         else:

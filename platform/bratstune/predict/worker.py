@@ -6,7 +6,10 @@ back to the input grid, decode, post-process), write ``<out>/<case-id>-seg.nii.g
 input's affine, header and shape (temp file + rename), drift flags against the training
 fingerprint, plausibility flags (:mod:`bratstune.predict.plausibility`), region volumes and
 lesion counts, and the QC thumbnail ``<out>/qc/<case-id>.png``. A case that cannot be predicted
-returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops the batch.
+returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops the batch. A case
+that failed because the disk is full (or a file-size or quota limit was hit) also gets
+``"retry": True``: that is no fault of the case, so the ledger does not keep it as failed and the
+next run predicts it again.
 
 :func:`run_local` drives one predictor in this process; :func:`run_ray` one Ray actor per worker
 (1 CPU each), replacing an actor that dies (e.g. out of memory) and recording its case as failed.
@@ -15,6 +18,7 @@ returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +45,9 @@ __all__ = ["QC_DIR", "CasePredictor", "one_line", "output_name", "run_local", "r
 QC_DIR = "qc"
 
 Row = dict[str, Any]
+
+#: ``OSError`` numbers that say the output storage is full, not that the case is bad.
+STORAGE_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def output_name(case_id: str) -> str:
@@ -94,6 +101,8 @@ class CasePredictor:
             return self._predict(case)
         except Exception as exc:  # a bad case must not stop the batch
             logger.warning("%s failed: %s", case.case_id, one_line(exc))
+            if isinstance(exc, OSError) and exc.errno in STORAGE_FULL:
+                return {"case_id": case.case_id, "error": one_line(exc), "retry": True}
             return {"case_id": case.case_id, "error": one_line(exc)}
 
     def predict(self, case: Any) -> Row:
