@@ -176,7 +176,7 @@ def test_threshold_space_validation():
 
 
 def test_demo_variant_is_small_and_uses_asha():
-    from bratstune.search.space import demo_variant
+    from bratstune.search.tune import demo_variant
 
     space = load_search_space(ROOT / "search_spaces" / "losses.yaml")
     spec = demo_variant(space)

@@ -84,7 +84,6 @@ __all__ = [
     "KINDS",
     "SMOKE_DEFAULTS",
     "SearchSpec",
-    "demo_variant",
     "load_search_space",
     "load_space_file",
     "parse_spec",
@@ -216,6 +215,10 @@ class SearchSpec:
         """A copy with top-level fields replaced (``num_samples=8``, ``base=...``)."""
         return replace(self, **changes)
 
+    def with_overrides(self, overrides: Mapping[str, Any], label: str) -> SearchSpec:
+        """A re-validated copy with ``overrides`` merged in (top-level keys and ``base``)."""
+        return _variant(self, overrides, label)
+
     def smoke_variant(self) -> SearchSpec:
         """The tiny CPU-only variant ``--smoke-test`` runs (``SMOKE_DEFAULTS`` + the file's ``smoke``)."""
         return _variant(self, deep_merge(SMOKE_DEFAULTS, self.smoke), "smoke")
@@ -226,42 +229,6 @@ def _variant(spec: SearchSpec, overrides: Mapping[str, Any], label: str) -> Sear
     raw["base"] = deep_merge(spec.base, overrides.get("base", {}))
     raw.pop("smoke", None)
     return parse_spec(raw, source=spec.source, where=f"{spec.source or spec.name} ({label})")
-
-
-def demo_variant(
-    spec: SearchSpec,
-    *,
-    num_samples: int = 6,
-    epochs: int = 4,
-    steps_per_epoch: int = 40,
-    base: Mapping[str, Any] | None = None,
-) -> SearchSpec:
-    """The ``make demo`` search: the space's own (full-size) network on the CPU, a few trials of a
-    few epochs, ASHA with grace period 1 so early stopping is visible.
-
-    The network and patch are the ones ``bratstune train`` uses, so the best trial is comparable
-    with (and, being the best of several, usually better than) the demo's single trained model;
-    only the number of trials, epochs and validation cases is cut to fit two cores. ``base``
-    overrides the trials' training config further (the demo's patch size, for one).
-    """
-    demo_base = {
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "data": {"num_workers": 0},
-        "validation": {"max_cases": 6, "overlap": 0.25},
-        "device": "cpu",
-    }
-    return _variant(
-        spec,
-        {
-            "num_samples": num_samples,
-            "max_concurrent_trials": 2,
-            "resources": {"cpu": 1, "gpu": 0},
-            "scheduler": {"type": "asha", "max_t": epochs, "grace_period": 1, "reduction_factor": 2},
-            "base": deep_merge(demo_base, base or {}),
-        },
-        "demo",
-    )
 
 
 KINDS = ("train", "thresholds")

@@ -45,10 +45,11 @@ from bratstune import paths
 from bratstune.errors import ConfigError
 from bratstune.search.callback import TrialRunCallback
 from bratstune.search.data import DataHandle, prepare_data
+from bratstune.search.params import deep_merge
 from bratstune.search.parent_run import find_parent_run, start_parent_run, write_meta
 from bratstune.search.results import SearchOutcome, finish_parent_run
 from bratstune.search.sections import make_sampler
-from bratstune.search.space import SearchSpec, demo_variant, load_search_space
+from bratstune.search.space import SearchSpec, load_search_space
 from bratstune.search.trial import TrialContext, trainable
 from bratstune.tracking import runs as tracking
 
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "build_tuner",
     "demo_search",
+    "demo_variant",
     "find_experiment",
     "run_search",
 ]
@@ -261,6 +263,41 @@ def run_search(
         client.set_terminated(parent_run_id, status=status)
 
 
+def demo_variant(
+    spec: SearchSpec,
+    *,
+    num_samples: int = 6,
+    epochs: int = 4,
+    steps_per_epoch: int = 40,
+    base: Mapping[str, Any] | None = None,
+) -> SearchSpec:
+    """The ``make demo`` search: the space's own (full-size) network on the CPU, a few trials of a
+    few epochs, ASHA with grace period 1 so early stopping is visible.
+
+    The network and patch are the ones ``bratstune train`` uses, so the best trial is comparable
+    with (and, being the best of several, usually better than) the demo's single trained model;
+    only the number of trials, epochs and validation cases is cut to fit two cores. ``base``
+    overrides the trials' training config further (the demo's patch size, for one).
+    """
+    demo_base = {
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "data": {"num_workers": 0},
+        "validation": {"max_cases": 6, "overlap": 0.25},
+        "device": "cpu",
+    }
+    return spec.with_overrides(
+        {
+            "num_samples": num_samples,
+            "max_concurrent_trials": 2,
+            "resources": {"cpu": 1, "gpu": 0},
+            "scheduler": {"type": "asha", "max_t": epochs, "grace_period": 1, "reduction_factor": 2},
+            "base": deep_merge(demo_base, base or {}),
+        },
+        "demo",
+    )
+
+
 def demo_search(
     space: str | Path,
     data: str | Path,
@@ -274,7 +311,7 @@ def demo_search(
 ) -> SearchOutcome:
     """The ``make demo`` loss search: ``num_samples`` small CPU trials with ASHA on ``data``.
 
-    ``base`` overrides the trials' training config (:func:`~bratstune.search.space.demo_variant`).
+    ``base`` overrides the trials' training config (:func:`demo_variant`).
     Ray must be initialised by the caller (``ray.init(runtime_env=...)``, see ``jobs/_bootstrap``).
     """
     spec = demo_variant(
