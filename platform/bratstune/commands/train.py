@@ -34,6 +34,7 @@ from bratstune.inference.sliding_window import predict_probabilities
 from bratstune.presets import load_preset
 from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking.artifacts import localise_config
+from bratstune.tracking.outage import UNSENT_FILE
 from bratstune.tracking.runs import experiment_link, log_cohort_input, setup_mlflow, start_run
 from bratstune.training.config import load_train_config
 from bratstune.training.fit import fit, inference_settings, resolve_config
@@ -166,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         cases.write(out / CASES_FILE)
         # The config logged above keeps its URIs; fit gets them as local folders.
         local, _ = localise_config(config.to_dict(), dst=out / "init")
-        result = fit(load_train_config(local), data, reporter=MlflowReporter(), out_dir=out, resume_from=args.resume)
+        reporter = MlflowReporter(spool=out / UNSENT_FILE)  # what a dead tracking server misses waits there
+        result = fit(load_train_config(local), data, reporter=reporter, out_dir=out, resume_from=args.resume)
+        reporter.close()
         if result.best_dir is not None:
             mlflow.log_artifacts(str(result.best_dir), "best_model")
         png = _validation_png(result, data, out)

@@ -35,11 +35,13 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from bratstune.device import select_trial_device
+from bratstune.errors import ConfigError
 from bratstune.search.callback import STOP_TAG, TRIAL_TAG, find_trial_run
 from bratstune.search.data import DataHandle
 from bratstune.search.params import apply_values
 from bratstune.search.reporter import MlflowReporter
 from bratstune.tracking.artifacts import localise_config
+from bratstune.tracking.outage import UNSENT_FILE, flush_timeout, wait_for_server
 from bratstune.tracking.runs import log_cohort_input, log_config, run_tags
 from bratstune.training.config import TrainConfig, load_train_config
 from bratstune.training.fit import fit
@@ -47,7 +49,7 @@ from bratstune.training.report import EpochReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NODE_TAG", "TrialContext", "run_trial", "trainable", "trial_device"]
+__all__ = ["NODE_TAG", "TrialContext", "outage_spool", "run_trial", "trainable", "trial_device"]
 
 #: Child-run tag: the Ray node id of the trial's latest attempt.
 NODE_TAG = "ray.node_id"
@@ -66,6 +68,18 @@ class TrialContext:
     parent_run_id: str
     cpus: float = 1.0
     fit_fn: Callable[..., Any] | None = None
+    #: where a trial keeps what a dead tracking server could not take (:func:`outage_spool`)
+    spool_dir: str | None = None
+
+
+def outage_spool(storage: str | Path, name: str) -> str | None:
+    """``<storage>/<name>/mlflow-unsent``: where a Tune experiment's trials keep what MLflow missed.
+
+    ``None`` for a URI storage (``s3://``): a trial then keeps it in its own folder on its node.
+    The driver sends these files when the experiment ends (:func:`bratstune.search.callback.replay_outage`).
+    """
+    storage = str(storage)
+    return None if "://" in storage else str(Path(storage) / name / "mlflow-unsent")
 
 
 def trainable(ctx: TrialContext, resources: Mapping[str, float]) -> Any:
@@ -193,6 +207,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         train_config = replace(train_config, num_threads=max(1, int(ctx.cpus)))
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = MlflowClient(ctx.tracking_uri)
+    # A trial that starts while the tracking server is down waits for it (bounded) rather than
+    # spending MLflow's 5 minutes of retries on each call; its run must exist before it trains.
+    if not wait_for_server(ctx.tracking_uri, flush_timeout()):
+        raise ConfigError(f"MLflow tracking server {ctx.tracking_uri} is unreachable; the trial cannot open its run")
     run_id = _open_run(client, ctx, config, train_config, handle)
 
     trial_id = tune.get_context().get_trial_id()
@@ -203,20 +221,26 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         resume_dir = Path(checkpoint.to_directory(str(workdir / "resume")))
         logger.info("trial %s resumes from %s", trial_id, resume_dir)
     train_config = _at_the_edge(train_config, workdir, ctx.tracking_uri)
-    reporter = _tune_reporter(ctx.metric, MlflowReporter(run_id=run_id, artifact_path="best_model"))
+    # Epochs, the best model, tags and the end status go through one buffer: a tracking server
+    # that dies mid-trial neither stalls nor fails the training (bratstune.tracking.outage).
+    spool = Path(ctx.spool_dir) / f"trial-{trial_id}.json" if ctx.spool_dir else workdir.parent / UNSENT_FILE
+    mlflow_reporter = MlflowReporter(run_id=run_id, artifact_path="best_model", spool=spool)
+    reporter = _tune_reporter(ctx.metric, mlflow_reporter)
     train = ctx.fit_fn or fit
     data = handle.load()
     status = "FINISHED"
     try:
         train(train_config, data, reporter, out_dir=workdir / "fit", resume_from=resume_dir)
-        client.set_tag(run_id, STOP_TAG, "completed")
+        mlflow_reporter.buffer.set_tag(STOP_TAG, "completed")
     except SystemExit:  # how Tune stops a trial (ASHA) inside tune.report
-        client.set_tag(run_id, STOP_TAG, "stopped by scheduler")
+        mlflow_reporter.buffer.set_tag(STOP_TAG, "stopped by scheduler")
         raise
     except BaseException as exc:
         status = "FAILED"
-        client.set_tag(run_id, STOP_TAG, f"error: {type(exc).__name__}: {exc}"[:5000])
+        mlflow_reporter.buffer.set_tag(STOP_TAG, f"error: {type(exc).__name__}: {exc}"[:5000])
         raise
     finally:
-        client.set_terminated(run_id, status=status)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:  # what a dead server missed is sent now, or kept in the trial's folder and reported
+            mlflow_reporter.close(status)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)

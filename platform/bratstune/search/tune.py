@@ -43,14 +43,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from bratstune import paths
 from bratstune.errors import ConfigError
-from bratstune.search.callback import TrialRunCallback
+from bratstune.search.callback import TrialRunCallback, replay_outage
 from bratstune.search.data import DataHandle, prepare_data
 from bratstune.search.params import deep_merge
 from bratstune.search.parent_run import find_parent_run, start_parent_run, write_meta
 from bratstune.search.results import SearchOutcome, finish_parent_run
 from bratstune.search.sections import make_sampler
 from bratstune.search.space import SearchSpec, load_search_space
-from bratstune.search.trial import TrialContext, trainable
+from bratstune.search.trial import TrialContext, outage_spool, trainable
 from bratstune.tracking import runs as tracking
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ def build_tuner(
         mode=list(modes) if spec.multi_objective else spec.mode,
         sampler=make_sampler(spec, algorithm=algorithm),
     )
-    callback = TrialRunCallback(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.max_t, kind)
+    callback = TrialRunCallback(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.max_t, kind, spool_dir=ctx.spool_dir
+    )
     return tune.Tuner(
         trainable(ctx, spec.resources.as_tune()),
         tune_config=tune.TuneConfig(
@@ -247,11 +249,14 @@ def run_search(
         parent_run_id=parent_run_id,
         cpus=spec.resources.cpu,
         fit_fn=fit_fn,
+        spool_dir=outage_spool(exp.storage, exp.name),
     )
     status = "FAILED"
     try:
         tuner = _tuner(spec, ctx, exp, algorithm=algorithm, scheduler=scheduler, verbose=verbose)
         grid = tuner.fit()
+        # what trials could not log while the tracking server was down
+        replay_outage(tracking_uri, experiment_id, parent_run_id, ctx.spool_dir)
         outcome = SearchOutcome(exp.name, exp.path, parent_run_id, tracking_uri, experiment_id)
         finish_parent_run(client, spec, grid, outcome, output_dir=None if "://" in exp.path else Path(exp.path))
         status = "FINISHED"

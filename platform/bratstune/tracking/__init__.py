@@ -5,7 +5,9 @@
   (a registered package checked against its recorded digest before anything reads it), and
   :func:`~.artifacts.localise_config` (URIs in a training config resolved before ``fit``);
 * :mod:`.model_package`: register a models-from-code package with its digest; load one verified;
-* :mod:`.filters`: MLflow filter strings quoted from user-given names.
+* :mod:`.filters`: MLflow filter strings quoted from user-given names;
+* :mod:`.outage`: logging to a run across a tracking-server outage (buffered, kept on disk, sent
+  when the server returns, or reported).
 """
 
-__all__ = ["artifacts", "filters", "model_package", "runs"]
+__all__ = ["artifacts", "filters", "model_package", "outage", "runs"]

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from bratstune.errors import BratstuneError, DataError
-from bratstune.search.callback import TrialRunCallback, find_trial_run
+from bratstune.search.callback import TrialRunCallback, find_trial_run, replay_outage
 from bratstune.search.crossval.oof import write_oof
 from bratstune.search.data import DataHandle
-from bratstune.search.trial import TrialContext, run_trial
+from bratstune.search.trial import TrialContext, outage_spool, run_trial
 from bratstune.training.checkpoint import save_best
 from bratstune.training.fit import fit
 from bratstune.training.report import FitResult
@@ -62,6 +62,7 @@ class CVContext:
     fit_fn: Callable[..., Any] | None = None
     held_out: list[DataHandle] | None = None
     selection: str = "inner"
+    spool_dir: str | None = None
 
 
 def _keep_best(result: FitResult, fold_dir: Path, fold: int, selection: str) -> Path:
@@ -142,6 +143,7 @@ def run_fold(config: dict[str, Any], ctx: CVContext) -> None:
         parent_run_id=ctx.parent_run_id,
         cpus=ctx.cpus,
         fit_fn=keep,
+        spool_dir=ctx.spool_dir,
     )
     run_trial(config, trial_ctx)
 
@@ -185,8 +187,11 @@ def train_folds(
     Raises:
         BratstuneError: a fold failed (after its retry).
     """
+    ctx = replace(ctx, spool_dir=outage_spool(storage, ctx.name))
     trainable = tune.with_resources(tune.with_parameters(run_fold, ctx=ctx), dict(resources))
-    callback = TrialRunCallback(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, epochs, "fifo")
+    callback = TrialRunCallback(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, epochs, "fifo", spool_dir=ctx.spool_dir
+    )
     tuner = tune.Tuner(
         trainable,
         param_space={FOLD_KEY: tune.grid_search(list(range(len(ctx.folds))))},
@@ -204,4 +209,5 @@ def train_folds(
     )
     start = time.perf_counter()
     grid = tuner.fit()
+    replay_outage(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, ctx.spool_dir)
     return _fold_runs(grid, ctx, time.perf_counter() - start)
