@@ -393,3 +393,26 @@ def test_dust_sizes_scale_with_the_voxel_volume():
     assert dict(scaled.postprocess.min_size) == {"ET": 160, "WT": 800}
     same = plan_grid((80, 80, 60), np.diag([2.0, 2.0, 2.0, 1.0]), target_spacing=(2, 2, 2))
     assert input_grid_settings(settings, same) is settings
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["aniso", "flipped"])
+def test_the_pyfunc_array_path_resamples_with_the_affine_given(cohort, oracle, predicted, key):
+    """``model.predict({"image", "affine"})`` of the registered model = the batch prediction of the files."""
+    from bratstune.data.case import load_case
+    from bratstune.data.layout import discover
+    from bratstune.ensemble.pyfunc import EnsembleModel
+    from bratstune.errors import DataError
+
+    _, out, _, _ = predicted
+    data = load_case(next(c for c in discover(cohort).cases if c.case_id == IDS[key]))
+    model = EnsembleModel()
+    model.ensemble = oracle
+    image = oracle.select_channels(data)
+    labels = model.predict(None, {"image": image, "affine": data.affine})
+    assert labels.shape == data.image.shape[1:]
+    assert np.array_equal(labels, np.asarray(_seg(out, key).dataobj))
+    probs = model.predict_probabilities(image, affine=data.affine)
+    assert probs.shape[1:] == data.image.shape[1:] and probs.dtype == np.float32
+    with pytest.raises(DataError, match="invertible 4x4"):
+        model.predict(None, {"image": image, "affine": np.zeros((4, 4))})

@@ -323,17 +323,24 @@ class Ensemble:
         """
         t0 = time.perf_counter()
         view = CaseData(data.case, self.select_channels(data), None, data.affine, data.header, data.spacing)
-        pre = preprocess_case(view, self.preprocess, reference=self.reference)
-        t1 = time.perf_counter()
-        probs = self.probabilities(pre.image, device=device)
-        t2 = time.perf_counter()
-        grid = probabilities_on_grid(probs, pre.bbox, pre.original_shape, mode=self.mode, grid=pre.grid)
+        grid, pre, (t1, t2) = self.input_probabilities(view, device=device)
         settings = input_grid_settings(self.decode_settings, pre.grid)
         labels = decode_prediction(grid, self.scheme, self.mode, settings)
         hierarchy = hierarchy_drops(grid, self.scheme, settings.thresholds) if self.mode == "region" else {}
         t3 = time.perf_counter()
         timings = {"preprocess": t1 - t0, "network": t2 - t1, "postprocess": t3 - t2}
         return Segmentation(labels, dict(pre.fingerprint), timings, pre.bbox, hierarchy)
+
+    def input_probabilities(self, view: Any, *, device: torch.device | str = "cpu") -> tuple[np.ndarray, Any, tuple]:
+        """Mean probabilities ``(K, X, Y, Z)`` on the input grid of ``view`` (``CaseData`` whose image
+        holds :attr:`modalities` in order), its ``PreprocessedCase`` and the times preprocessing
+        and the network ended (``time.perf_counter``)."""
+        pre = preprocess_case(view, self.preprocess, reference=self.reference)
+        t1 = time.perf_counter()
+        probs = self.probabilities(pre.image, device=device)
+        t2 = time.perf_counter()
+        grid = probabilities_on_grid(probs, pre.bbox, pre.original_shape, mode=self.mode, grid=pre.grid)
+        return grid, pre, (t1, t2)
 
     # -- persistence -----------------------------------------------------------------------------
 
