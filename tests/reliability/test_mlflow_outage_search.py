@@ -12,8 +12,6 @@ sent by the driver when the search ends.)
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -22,23 +20,13 @@ import pytest
 from bratstune import paths
 from bratstune.services.processes import wait_until
 
+from ._by_value import load_by_value
 from ._mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow, pytest.mark.services]
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 4
-
-
-def _by_value(name: str):
-    from ray import cloudpickle
-
-    spec = importlib.util.spec_from_file_location(f"bratstune_test_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)
-    return module
 
 
 def _epochs(markers: Path) -> dict[str, set[int]]:
@@ -63,7 +51,7 @@ def test_trials_keep_training_through_a_tracking_outage_and_lose_no_metric(tmp_p
     from bratstune.search.tune import run_search
     from bratstune.tracking import runs as tracking
 
-    module = _by_value("_outage_trial")
+    module = load_by_value("_outage_trial")
     server = MlflowServer(tmp_path / "server")
     server.start()
     experiment_id = tracking.setup_mlflow("outage-search", uri=server.uri)

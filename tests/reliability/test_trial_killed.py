@@ -8,10 +8,8 @@ thread of the test SIGKILLs that process. Tune restarts the trial in a new worke
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from bratstune import paths
+
+from ._by_value import load_by_value
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
@@ -40,20 +40,13 @@ def test_sigkilled_trial_is_retried_and_the_search_completes(tmp_path, monkeypat
     paths.keep_ray_on_loopback()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     import ray
-    from ray import cloudpickle
 
     from bratstune.search.data import prepare_data, synthetic_cohort
     from bratstune.search.space import load_search_space
     from bratstune.search.tune import run_search
     from bratstune.tracking import runs as tracking
 
-    spec_ = importlib.util.spec_from_file_location(
-        "bratstune_test_kill_trial", Path(__file__).with_name("_kill_trial.py")
-    )
-    module = importlib.util.module_from_spec(spec_)
-    sys.modules[spec_.name] = module
-    spec_.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)
+    module = load_by_value("_kill_trial")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = tracking.setup_mlflow("trial-killed", uri=uri)
