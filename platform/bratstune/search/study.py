@@ -40,7 +40,7 @@ from bratstune.presets import load_preset
 from bratstune.pretrain.config import MaeModelConfig
 from bratstune.pretrain.export import save_encoder
 from bratstune.pretrain.model import MaskedAutoencoder3D
-from bratstune.search.callback import TrialRunCallback
+from bratstune.search.callback import TrialRunCallback, find_trial_run
 from bratstune.search.data import prepare_data
 from bratstune.search.parent_run import start_parent_run
 from bratstune.search.space import SearchSpec, parse_spec
@@ -314,10 +314,7 @@ def run_study(
             arm = result.config["_arm"]
             best = _best_row(result, spec.metric)
             step = best.get("time/compute_s", float("nan")) + best.get("time/data_wait_s", 0.0)
-            run = client.search_runs(
-                [experiment_id],
-                f"tags.`mlflow.parentRunId` = '{parent}' and tags.ray_trial_id = '{result.metrics.get('trial_id', '')}'",
-            )
+            run_id = find_trial_run(client, experiment_id, parent, str(result.metrics.get("trial_id", "")))
             rows.append(
                 {
                     "arm": arm,
@@ -326,7 +323,7 @@ def run_study(
                     **{metric: best.get(metric) for _, metric in COLUMNS},
                     "best_epoch": int(best["epoch"]) if best.get("epoch") is not None else None,
                     "status": "error" if result.error else "ok",
-                    "mlflow_run_id": run[0].info.run_id if run else "",
+                    "mlflow_run_id": run_id or "",
                 }
             )
         rows.sort(key=lambda r: list(study.arms).index(r["arm"]))
