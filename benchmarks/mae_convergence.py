@@ -137,6 +137,7 @@ def model_section(name: str) -> dict:
 
 
 def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path, seed: int = 0):
+    from bratstune.tracking.artifacts import localise_config
     from bratstune.training.fit import fit
 
     config = {
@@ -159,6 +160,8 @@ def finetune(args: argparse.Namespace, data, encoder_from: str | None, out: Path
         "num_threads": args.threads,
         "challenge": "GLI",
     }
+    # fit never talks to MLflow: a models:/ encoder is downloaded first (as every job does).
+    config, _ = localise_config(config, dst=out / "encoder")
     t0 = time.perf_counter()
     result = fit(config, data, out_dir=out)
     return [row.get("val/dice_mean", float("nan")) for row in result.history], time.perf_counter() - t0
