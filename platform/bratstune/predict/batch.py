@@ -340,7 +340,7 @@ def _write_outputs(summary: BatchSummary, ens: Ensemble) -> None:
         *(f"volume_{r}_ml" for r in regions),
         *(f"lesions_{r}" for r in regions),
         *("seconds", "load_s", "preprocess_s", "network_s", "postprocess_s", "write_s", "qc_s", "shape"),
-        *("drift", "plausibility", "finished"),
+        *("drift", "plausibility", "finished", "worker_pid", "peak_rss_mb"),
     ]
     _write_csv(out / PREDICTIONS_FILE, summary.rows, columns)
     _write_csv(out / FAILURES_FILE, summary.failures, ["case_id", "reason"])
@@ -397,6 +397,7 @@ def _log_batch(summary: BatchSummary, loaded: LoadedEnsemble, experiment: str) -
         done = [r for r in summary.rows if r["case_id"] in set(summary.predicted)]
         if done:
             mlflow.log_metric("seconds_per_case", sum(float(r["seconds"]) for r in done) / len(done))
+            mlflow.log_metric("worker_peak_rss_mb", max(float(r.get("peak_rss_mb") or 0) for r in done))
         for name in (PREDICTIONS_FILE, FAILURES_FILE, REPORT_FILE):
             mlflow.log_artifact(str(summary.out / name))
         mlflow.set_tag("failures", "; ".join(f"{f['case_id']}: {f['reason']}" for f in summary.failures)[:5000])

@@ -5,7 +5,9 @@
 back to the input grid, decode, post-process), write ``<out>/<case-id>-seg.nii.gz`` with the
 input's affine, header and shape (temp file + rename), drift flags against the training
 fingerprint, plausibility flags (:mod:`bratstune.predict.plausibility`), region volumes and
-lesion counts, and the QC thumbnail ``<out>/qc/<case-id>.png``. A case that cannot be predicted
+lesion counts, the QC thumbnail ``<out>/qc/<case-id>.png``, and the worker's process id and peak
+resident memory so far (``worker_pid``, ``peak_rss_mb``: a leak shows as a peak that keeps growing
+along a batch). A case that cannot be predicted
 returns ``{"case_id", "error"}`` instead of raising, so a bad case never stops the batch. A case
 that failed because the disk is full (or a file-size or quota limit was hit) also gets
 ``"retry": True``: that is no fault of the case, so the ledger does not keep it as failed and the
@@ -20,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
+import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +56,11 @@ STORAGE_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 def output_name(case_id: str) -> str:
     return f"{case_id}-seg.nii.gz"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (``VmHWM``; Linux reports ``ru_maxrss`` in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def one_line(exc: BaseException) -> str:
@@ -155,6 +164,8 @@ class CasePredictor:
             "plausibility": "; ".join(implausible),
             "thumbnail": thumb,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "worker_pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 
