@@ -22,6 +22,7 @@ from pathlib import Path
 
 import _bootstrap
 from bratstune import paths
+from bratstune.errors import ConfigError
 from bratstune.search.data import job_cohort
 from bratstune.search.study import ARMS, StudySpec, run_study, untrained_mae_encoder
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every arm")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch of every arm")
     parser.add_argument(
+        "--val-cases", default=None, help="validation cases scored per epoch: a number, or 'all' (held-out cases)"
+    )
+    parser.add_argument(
         "--mae-encoder", default=None, help="MAE encoder for transunet_enc_mae (models:/, runs:/, path)"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/architecture_study)")
@@ -44,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _val_cases(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--val-cases {text!r}: expected a positive number or 'all'")
+    return int(text)
+
+
 @_bootstrap.error_tail
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -51,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     study = StudySpec.smoke() if args.smoke_test else StudySpec()
     changes = {"arms": tuple(args.arms) if args.arms else None, "epochs": args.epochs, "steps_per_epoch": args.steps}
     study = replace(study, **{k: v for k, v in changes.items() if v is not None})
+    if args.val_cases is not None:
+        study = replace(study, val_cases=_val_cases(args.val_cases))
     out = (args.out or paths.results_dir() / "architecture_study").resolve()
     mae = args.mae_encoder
     if mae is None and args.smoke_test:
