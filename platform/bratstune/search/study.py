@@ -40,11 +40,11 @@ from bratstune.presets import load_preset
 from bratstune.pretrain.config import MaeModelConfig
 from bratstune.pretrain.export import save_encoder
 from bratstune.pretrain.model import MaskedAutoencoder3D
-from bratstune.search.callback import TrialRunCallback, find_trial_run
+from bratstune.search.callback import TrialRunCallback, find_trial_run, replay_outage
 from bratstune.search.data import prepare_data
 from bratstune.search.parent_run import start_parent_run
 from bratstune.search.space import SearchSpec, parse_spec
-from bratstune.search.trial import TrialContext, run_trial
+from bratstune.search.trial import TrialContext, outage_spool, run_trial
 from bratstune.training.config import load_train_config
 from bratstune.training.network import output_channels, resolve_config
 
@@ -291,6 +291,7 @@ def run_study(
         experiment_id=experiment_id,
         parent_run_id=parent,
         cpus=study.cpus,
+        spool_dir=outage_spool(storage, name),
     )
     trainable = tune.with_resources(tune.with_parameters(run_arm, ctx=ctx, arms=arms), spec.resources.as_tune())
     tuner = tune.Tuner(
@@ -302,13 +303,16 @@ def run_study(
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=0),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[TrialRunCallback(tracking_uri, experiment_id, parent, study.epochs, "fifo")],
+            callbacks=[
+                TrialRunCallback(tracking_uri, experiment_id, parent, study.epochs, "fifo", spool_dir=ctx.spool_dir)
+            ],
             verbose=verbose,
         ),
     )
     status = "FAILED"
     try:
         grid = tuner.fit()
+        replay_outage(tracking_uri, experiment_id, parent, ctx.spool_dir)  # what an MLflow outage held back
         rows = []
         for result in grid:
             arm = result.config["_arm"]
