@@ -137,3 +137,36 @@ def test_a_value_the_server_refuses_is_dropped_with_a_warning_not_buffered(serve
     assert reporter.buffer.rejected == 1 and reporter.buffer.counts["metrics"] == 0
     assert any("refused tag" in r.getMessage() for r in caplog.records)
     assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1]
+
+
+def test_a_retried_attempt_sends_what_the_killed_one_kept_first(tmp_path):
+    """Tune retries a trial killed during an outage in a new process: the queue it kept comes first.
+
+    The killed attempt logs into a dead server (a closed port: its spool is written by the product);
+    the retry, with the server back (here the same run in a SQLite store), adopts the spool.
+    """
+    from mlflow.entities import Metric
+
+    from bratstune.services.processes import free_port
+    from bratstune.tracking.outage import RunBuffer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(uri).create_run(setup_mlflow("outage-retry", uri=uri)).info.run_id
+    spool = tmp_path / "unsent" / "trial-t1.json"
+    killed = RunBuffer(run_id, f"http://127.0.0.1:{free_port()}", spool=spool)
+    killed.log_metrics([Metric("epoch", 1.0, 0, 1), Metric("epoch", 2.0, 0, 2)])
+    killed.set_tag("note", "logged during the outage")
+    assert spool.is_file() and killed.counts == {"metrics": 2, "artifacts": 0, "tags": 1, "status": 0}
+    del killed  # SIGKILL: nothing more runs in that process
+
+    retry = RunBuffer(run_id, uri, spool=spool)
+    assert retry.counts == {"metrics": 2, "artifacts": 0, "tags": 1, "status": 0}
+    retry.log_metrics([Metric("epoch", 3.0, 0, 3)])
+    assert retry.counts["metrics"] == 0 and not spool.exists()
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1, 2, 3]
+    assert client.get_run(run_id).data.tags["note"] == "logged during the outage"
+
+    spool.write_text("{not json")
+    RunBuffer(run_id, uri, spool=spool)  # an unreadable file is moved aside, never deleted
+    assert not spool.exists() and spool.with_name(spool.name + ".unreadable").read_text() == "{not json"

@@ -141,21 +141,26 @@ class RunBuffer:
     def __post_init__(self) -> None:
         self.client = self.client or MlflowClient(self.uri)
         self.spool = Path(self.spool) if self.spool is not None else None
+        if self.spool is not None and not self.pending and self.spool.is_file():
+            # an earlier attempt of the same trial was killed during an outage: its queue comes first
+            try:
+                run_id, _, items = _read_spool(self.spool)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                aside = self.spool.with_name(self.spool.name + ".unreadable")
+                self.spool.replace(aside)
+                logger.error("%s: not a readable MLflow spool (%s); moved to %s", self.spool, exc, aside)
+                run_id, items = None, []
+            if run_id == self.run_id:
+                self.pending = items
+                logger.info("run %s: %s kept by an earlier attempt (%s)", run_id, _describe(self.counts), self.spool)
 
     @classmethod
     def from_spool(cls, path: str | Path) -> RunBuffer:
         """The queue a buffer kept in ``path`` (see :attr:`spool`), ready to be sent."""
-        path = Path(path)
-        data = json.loads(path.read_text())
-        items = []
-        for item in data["items"]:
-            payload = item["payload"]
-            if item["kind"] == "metrics":
-                payload = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in payload]
-            elif item["kind"] in ("artifacts", "tag"):
-                payload = tuple(payload)
-            items.append(_Item(item["kind"], payload))
-        return cls(data["run_id"], data["tracking_uri"], spool=path, pending=items)
+        run_id, uri, items = _read_spool(Path(path))
+        buffer = cls(run_id, uri, pending=items)
+        buffer.spool = Path(path)
+        return buffer
 
     # --- queueing ------------------------------------------------------------------------------
 
@@ -298,6 +303,20 @@ class RunBuffer:
         tmp = self.spool.with_name(self.spool.name + ".tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri, "items": items}))
         tmp.replace(self.spool)
+
+
+def _read_spool(path: Path) -> tuple[str, str, list[_Item]]:
+    """``(run_id, tracking_uri, items)`` of a spool file written by :meth:`RunBuffer._persist`."""
+    data = json.loads(path.read_text())
+    items = []
+    for item in data["items"]:
+        payload = item["payload"]
+        if item["kind"] == "metrics":
+            payload = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in payload]
+        elif item["kind"] in ("artifacts", "tag"):
+            payload = tuple(payload)
+        items.append(_Item(item["kind"], payload))
+    return data["run_id"], data["tracking_uri"], items
 
 
 def replay_unsent(folder: str | Path, timeout: float | None = None) -> dict[str, int]:
