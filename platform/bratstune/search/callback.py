@@ -17,7 +17,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from bratstune.tracking.filters import tag_equals
-from bratstune.tracking.outage import flush_timeout, quick_requests, replay_unsent, server_reachable, wait_for_server
+from bratstune.tracking.outage import (
+    flush_timeout,
+    quick_requests,
+    replay_unsent,
+    server_reachable,
+    wait_for_server,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +134,8 @@ class TrialRunCallback(tune.Callback):
             elif getattr(self, "spool_dir", None) is None:  # a callback pickled before spools existed
                 logger.error("MLflow is unreachable: trial %s's run was not closed (%s)", trial.trial_id, reason)
             else:
-                path = Path(self.spool_dir) / CLOSES / f"{trial.trial_id}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps({"trial_id": trial.trial_id, "status": status, "reason": reason}))
-                tmp.replace(path)
+                entry = {"trial_id": trial.trial_id, "status": status, "reason": reason}
+                write_json_atomic(Path(self.spool_dir) / CLOSES / f"{trial.trial_id}.json", entry)
                 logger.warning("MLflow is unreachable: trial %s's run will be closed when it returns", trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -41,7 +41,15 @@ from bratstune.tracking.runs import check_reachable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunBuffer", "is_server", "quick_requests", "replay_unsent", "server_reachable", "wait_for_server"]
+__all__ = [
+    "RunBuffer",
+    "is_server",
+    "quick_requests",
+    "replay_unsent",
+    "server_reachable",
+    "wait_for_server",
+    "write_json_atomic",
+]
 
 #: MLflow client settings while a buffer sends: no retries, seconds per request.
 QUICK_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -300,9 +308,15 @@ class RunBuffer:
                     tmp.rename(copy)
                 payload = [str(copy), artifact_path]
             items.append({"kind": item.kind, "payload": payload})
-        tmp = self.spool.with_name(self.spool.name + ".tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri, "items": items}))
-        tmp.replace(self.spool)
+        write_json_atomic(self.spool, {"run_id": self.run_id, "tracking_uri": self.uri, "items": items})
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``: a temp file named after this process, then a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def _read_spool(path: Path) -> tuple[str, str, list[_Item]]:
